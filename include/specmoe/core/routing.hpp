@@ -42,6 +42,8 @@ struct routing {
     topk_ids.assign(static_cast<std::size_t>(n * k), -1);
     topk_weights.assign(static_cast<std::size_t>(n * k), 0.0f);
   }
+  [[nodiscard]] std::int32_t id(std::int64_t t, int j) const noexcept { return topk_ids[static_cast<std::size_t>(t * top_k + j)]; }
+  [[nodiscard]] float weight(std::int64_t t, int j) const noexcept { return topk_weights[static_cast<std::size_t>(t * top_k + j)]; }
   [[nodiscard]] routing_view view() const noexcept { return {topk_ids, topk_weights, num_tokens, top_k}; }
   operator routing_view() const noexcept { return view(); }  // NOLINT: a routing is usable wherever a view is
 };
