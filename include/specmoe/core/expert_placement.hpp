@@ -110,8 +110,12 @@ class expert_placement {
       return detail::concat("num_experts ", num_experts(), " vs ", other.num_experts());
     auto list = [](std::span<int const> s) {
       std::string out = "{";
-      for (std::size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
-      return out + "}";
+      for (std::size_t i = 0; i < s.size(); ++i) {
+        if (i) out += ',';
+        out += std::to_string(s[i]);
+      }
+      out += '}';
+      return out;
     };
     for (int e = 0; e < num_experts(); ++e) {
       auto const a = owners(e);
