@@ -110,7 +110,27 @@ class always_wrong_prediction {
   gate_weights<W> router_;
 };
 
+/// @brief Predicts a routing known in advance (a recorded trace, a generated workload): right
+/// every time on the batch it was built for. The trace-driven upper bound of replay simulations.
+class replay_prediction {
+ public:
+  static constexpr bool predicts = true;
+  explicit replay_prediction(routing known) : known_(std::move(known)) {}
+
+  void predict(prediction_request const& req, prediction& out) {
+    SPECMOE_EXPECTS(known_.num_tokens == req.num_tokens, errc::shape_mismatch, "replay_prediction holds ",
+                    known_.num_tokens, " tokens, the batch has ", req.num_tokens);
+    out.reset(req.num_tokens, known_.top_k);
+    out.experts = known_.topk_ids;
+  }
+  void observe(routing_observation const&) {}
+
+ private:
+  routing known_;
+};
+
 static_assert(router_predictor<oracle_prediction<float>>);
+static_assert(router_predictor<replay_prediction>);
 static_assert(router_predictor<random_prediction>);
 static_assert(router_predictor<always_wrong_prediction<bf16>>);
 
