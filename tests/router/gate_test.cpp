@@ -10,7 +10,7 @@ using namespace specmoe;
 TEST_CASE("softmax top-k picks the largest logits, ties to the lower id, weights renormalised", "[router][gate]") {
   moe_config cfg{.hidden_size = 1, .ffn_size = 1, .num_experts = 6, .top_k = 3};
   float const logits[6] = {0.5f, 2.0f, -1.0f, 2.0f, 1.0f, 0.0f};
-  std::int32_t ids[3];
+  std::int32_t ids[3] = {};
   float w[3];
   route_token(logits, {}, cfg, ids, w);
   REQUIRE(ids[0] == 1);
@@ -35,7 +35,7 @@ TEST_CASE("sigmoid grouped top-k keeps the best groups, chooses with the bias, w
   float const logits[8] = {3.0f, -4.0f, 1.0f, 1.0f, 2.5f, -4.0f, -1.0f, -1.0f};
   // Bias lifts group 3 (sigmoid(-1) = .269, +.6/.7) above all others, expert 7 above 6.
   float const bias[8] = {0, 0, 0, 0, 0, 0, 0.6f, 0.7f};
-  std::int32_t ids[2];
+  std::int32_t ids[2] = {};
   float w[2];
   route_token(logits, bias, cfg, ids, w);
   // Group scores: g0 = .953+.018, g1 = .731*2, g2 = .924+.018, g3 = .869+.969 -> keep g3, g1.

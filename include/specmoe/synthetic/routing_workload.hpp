@@ -75,15 +75,19 @@ inline routing_workload make_workload(moe_config const& config, workload_params 
   std::vector<int> popular(static_cast<std::size_t>(E));
   for (int e = 0; e < E; ++e) popular[static_cast<std::size_t>(e)] = e;
   std::shuffle(popular.begin(), popular.end(), model_rng);
+  // Each token id's k favourite experts, drawn once from the model seed.
+  std::vector<int> favourites(static_cast<std::size_t>(p.vocabulary) * static_cast<std::size_t>(k));
+  for (int id = 0; id < p.vocabulary; ++id) {
+    auto* f = favourites.data() + static_cast<std::size_t>(id) * static_cast<std::size_t>(k);
+    for (int n = 0; n < k;) {
+      auto const e = popular[static_cast<std::size_t>(detail::draw(expert_cdf, model_rng))];
+      if (std::find(f, f + n, e) == f + n) f[n++] = e;
+    }
+  }
   for (std::int64_t t = 0; t < N; ++t) {
     auto const id = detail::draw(token_cdf, rng);
     w.token_ids[static_cast<std::size_t>(t)] = id;
-    std::mt19937_64 favourite_rng(p.model_seed * 0x9e3779b97f4a7c15ull + static_cast<std::uint64_t>(id));
-    std::vector<int> favourites;
-    while (static_cast<int>(favourites.size()) < k) {
-      auto const e = popular[static_cast<std::size_t>(detail::draw(expert_cdf, favourite_rng))];
-      if (std::find(favourites.begin(), favourites.end(), e) == favourites.end()) favourites.push_back(e);
-    }
+    auto const* favourite = favourites.data() + static_cast<std::size_t>(id) * static_cast<std::size_t>(k);
     std::bernoulli_distribution take_favourite(p.affinity);
     int next_favourite = 0;
     for (int j = 0; j < k; ++j) {
@@ -94,7 +98,7 @@ inline routing_workload make_workload(moe_config const& config, workload_params 
         return false;
       };
       while (next_favourite < k && take_favourite(rng)) {
-        auto const f = favourites[static_cast<std::size_t>(next_favourite++)];
+        auto const f = favourite[next_favourite++];
         if (!used(f)) {
           e = f;
           break;
