@@ -70,7 +70,7 @@ void time_predictor(benchmark::State& state, P predictor, moe_config base, synth
   std::int64_t iteration = 0;
   auto step = [&](synthetic::routing_workload const& w) {
     auto const n = w.num_tokens();
-    matrix_view<float const> x(w.activations.data(), n, cfg.hidden_size);
+    auto const x = w.activation_view();
     predictor.predict(prediction_request{cfg, n, w.home_rank, w.token_ids, x, placement}, guess);
     predictor.observe(routing_observation{cfg, w.home_rank, w.home_rank, w.token_ids, w.actual.view(), placement, &guess});
   };
@@ -85,7 +85,7 @@ void time_predictor(benchmark::State& state, P predictor, moe_config base, synth
   for (int i = 0; i < num_batches; ++i) {
     auto const& w = batches[static_cast<std::size_t>((iteration + i) % num_batches)];
     auto const n = w.num_tokens();
-    matrix_view<float const> x(w.activations.data(), n, cfg.hidden_size);
+    auto const x = w.activation_view();
     predictor.predict(prediction_request{cfg, n, w.home_rank, w.token_ids, x, placement}, guess);
     validate_prediction(guess, n, cfg.num_experts, cfg.num_ranks);
     derive_predicted_ranks(guess, placement, w.home_rank);
@@ -123,7 +123,7 @@ void time_placement(benchmark::State& state, Pl placement_policy, P predictor, m
   std::vector<prediction> guesses(batches.size());
   for (std::size_t b = 0; b < batches.size(); ++b) {
     auto const& w = batches[b];
-    matrix_view<float const> x(w.activations.data(), w.num_tokens(), cfg.hidden_size);
+    auto const x = w.activation_view();
     if constexpr (P::predicts) {
       predictor.predict(prediction_request{cfg, w.num_tokens(), w.home_rank, w.token_ids, x, placement}, guesses[b]);
       derive_predicted_ranks(guesses[b], placement, w.home_rank);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <specmoe/core/expert_placement.hpp>
+#include <specmoe/core/matrix_view.hpp>
 #include <specmoe/core/moe_config.hpp>
 #include <specmoe/core/routing.hpp>
 #include <specmoe/core/token_plan.hpp>
@@ -23,6 +24,7 @@ struct workload_params {
   double affinity = 0.75;         ///< chance that a slot takes one of the token id's favourite experts
   std::uint64_t model_seed = 7;   ///< the "model": expert popularity order and each token id's favourites
   std::uint64_t seed = 1;         ///< the batch: which tokens come and which slots follow their favourites
+  bool with_activations = false;  ///< also draw random activations [N, hidden] (for predictors that read them)
 };
 
 /// @brief A batch of D ranks' tokens with token ids and routing: what a predictor, placement,
@@ -37,7 +39,12 @@ struct routing_workload {
   std::vector<int> home_rank;                 ///< [N]
   std::vector<std::int64_t> token_ids;        ///< [N]
   routing actual;                             ///< [N, k] batch order
-  std::vector<float> activations;             ///< [N, hidden] random, for predictors that read them
+  std::vector<float> activations;             ///< [N, hidden] random, or empty unless asked for
+
+  /// The activations as a view ([N, 0] when they were not generated).
+  [[nodiscard]] matrix_view<float const> activation_view() const noexcept {
+    return {activations.data(), actual.num_tokens, activations.empty() ? 0 : config.hidden_size};
+  }
 
   [[nodiscard]] std::int64_t num_tokens() const noexcept { return actual.num_tokens; }
 };
@@ -109,6 +116,7 @@ inline routing_workload make_workload(moe_config const& config, workload_params 
       w.actual.topk_weights[static_cast<std::size_t>(t * k + j)] = 1.0f / static_cast<float>(k);
     }
   }
+  if (!p.with_activations) return w;
   std::uniform_real_distribution<float> x(-1.0f, 1.0f);
   w.activations.resize(static_cast<std::size_t>(N) * static_cast<std::size_t>(config.hidden_size));
   for (auto& v : w.activations) v = x(rng);
