@@ -43,6 +43,7 @@ class moe_layer<host_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   using policies_type = layer_policies<Predictor, Placement, Grouping, Prefetch, Comm>;
 
   /// @brief Builds the layer for `config` (all D = config.num_ranks ranks share it).
+  /// @note The layer keeps the weight views, not copies: the memory must outlive the layer.
   /// @throw specmoe::error on an invalid config, weights that do not match it (or hold NaN/Inf),
   ///        or a grouping that gives ranks different placements or leaves an expert unowned.
   template <storage_type W>
