@@ -7,6 +7,7 @@
 #include <specmoe/core/moe_config.hpp>
 #include <specmoe/core/routing.hpp>
 #include <specmoe/detail/host/ffn.hpp>
+#include <specmoe/router/gate_math.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -51,17 +52,25 @@ inline void route_token(float const* logits, std::span<float const> bias, moe_co
   if (cfg.gate.kind == gate_kind::softmax_topk) {
     float m = logits[0];
     for (int e = 1; e < E; ++e) m = logits[e] > m ? logits[e] : m;
-    float sum = 0.0f;
+    // The denominator is summed in the GPU's order: 32 strided partial sums, then a butterfly
+    // (lane 0's result), so both gates divide by the same float.
+    float part[detail::gate_sum_lanes] = {};
     for (int e = 0; e < E; ++e) {
-      score[static_cast<std::size_t>(e)] = std::exp(logits[e] - m);
-      sum = sum + score[static_cast<std::size_t>(e)];
+      score[static_cast<std::size_t>(e)] = detail::gate_exp(logits[e] - m);
+      part[e % detail::gate_sum_lanes] = detail::add_rn(part[e % detail::gate_sum_lanes], score[static_cast<std::size_t>(e)]);
     }
+    for (int off = detail::gate_sum_lanes / 2; off > 0; off /= 2) {
+      float next[detail::gate_sum_lanes];
+      for (int l = 0; l < detail::gate_sum_lanes; ++l) next[l] = detail::add_rn(part[l], part[l ^ off]);
+      for (int l = 0; l < detail::gate_sum_lanes; ++l) part[l] = next[l];
+    }
+    float const sum = part[0];
     for (int e = 0; e < E; ++e) score[static_cast<std::size_t>(e)] = score[static_cast<std::size_t>(e)] / sum;
   } else {
-    for (int e = 0; e < E; ++e) score[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-logits[e]));
+    for (int e = 0; e < E; ++e) score[static_cast<std::size_t>(e)] = detail::gate_sigmoid(logits[e]);
   }
   for (int e = 0; e < E; ++e) {
-    choice[static_cast<std::size_t>(e)] = score[static_cast<std::size_t>(e)] + (bias.empty() ? 0.0f : bias[static_cast<std::size_t>(e)]);
+    choice[static_cast<std::size_t>(e)] = detail::add_rn(score[static_cast<std::size_t>(e)], bias.empty() ? 0.0f : bias[static_cast<std::size_t>(e)]);
   }
   std::vector<std::uint8_t> allowed;
   if (cfg.gate.kind == gate_kind::sigmoid_grouped_topk && cfg.gate.topk_groups < cfg.gate.num_groups) {
