@@ -1,0 +1,334 @@
+// specmoe/layer/cuda_moe_layer.cuh: moe_layer on cuda_space — one GPU, the caller's stream, no
+// host synchronisation and no allocation inside forward_async (nvcc only).
+#pragma once
+
+#include <specmoe/core/bfloat16.hpp>
+#include <specmoe/core/error.hpp>
+#include <specmoe/core/expert_weights.hpp>
+#include <specmoe/kernels/combine.cuh>
+#include <specmoe/kernels/gate.cuh>
+#include <specmoe/kernels/grouped_gemm.cuh>
+#include <specmoe/kernels/layout.cuh>
+#include <specmoe/kernels/permute.cuh>
+#include <specmoe/layer/moe_layer.hpp>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+/// Throws specmoe::error{errc::cuda} naming the call when a CUDA runtime call fails.
+#define SPECMOE_CUDA_TRY(call)                                                                         \
+  do {                                                                                                 \
+    cudaError_t const specmoe_err_ = (call);                                                           \
+    SPECMOE_EXPECTS(specmoe_err_ == cudaSuccess, ::specmoe::errc::cuda, #call, " failed: ",            \
+                    cudaGetErrorName(specmoe_err_), " (", cudaGetErrorString(specmoe_err_), ")");      \
+  } while (0)
+
+/// Throws specmoe::error{errc::cuda} naming the call when a cuBLAS call fails.
+#define SPECMOE_CUBLAS_TRY(call)                                                                       \
+  do {                                                                                                 \
+    cublasStatus_t const specmoe_st_ = (call);                                                         \
+    SPECMOE_EXPECTS(specmoe_st_ == CUBLAS_STATUS_SUCCESS, ::specmoe::errc::cuda, #call, " failed: ",   \
+                    cublasGetStatusName(specmoe_st_));                                                 \
+  } while (0)
+
+namespace specmoe {
+
+/// @brief Sizes the cuda layer's workspace once, at construction.
+struct cuda_layer_options {
+  std::int64_t max_tokens = 8192;  ///< the most tokens one forward may carry (dropless up to here)
+};
+
+/// @brief One forward's input on cuda_space: device views.
+struct cuda_batch {
+  matrix_view<bf16 const> x;              ///< [num_tokens, hidden] device memory, dense rows (stride = hidden)
+  std::optional<routing_view> routing{};  ///< engine routing in device memory (skips the gate)
+};
+
+/// @brief Where the layer may also write the routing the gate chose (device [num_tokens, top_k]).
+struct cuda_routing_output {
+  std::int32_t* topk_ids = nullptr;
+  float* topk_weights = nullptr;
+};
+
+/// @brief The single-GPU layer: gate (cuBLAS logits + fused top-k), layout (stable radix sort),
+/// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine.
+///
+/// `forward_async` only enqueues work on the caller's stream (capturable in a CUDA graph); bad
+/// input found on the device (NaN logits, expert ids out of range, non-finite routing weights)
+/// is flagged there, the output is then left unwritten, and `check(stream)` (called by
+/// `forward`) raises it as a specmoe::error naming the first token involved.
+template <router_predictor Predictor, token_placement Placement, expert_grouping Grouping, prefetch_depth Prefetch,
+          comm_backend Comm>
+class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
+  static_assert(!Predictor::predicts && !Placement::moves_tokens,
+                "moe_layer<cuda_space> runs one GPU: predictors and token placement need the multi-GPU "
+                "backends (use no_prediction and stay)");
+  static_assert(!Prefetch::offloads, "moe_layer<cuda_space> keeps every expert resident (all_resident)");
+
+ public:
+  using space_type = cuda_space;
+  using policies_type = layer_policies<Predictor, Placement, Grouping, Prefetch, Comm>;
+
+  /// @param weights views of device memory (bf16), kept, not copied: they must outlive the layer.
+  /// @throw specmoe::error on an invalid config, weight shapes that disagree with it, more than one
+  ///        rank (errc::unsupported), or a CUDA failure while allocating the workspace.
+  moe_layer(moe_config const& config, moe_weights<bf16> const& weights, policies_type policies = {},
+            cuda_layer_options options = {})
+      : config_(config), weights_(weights), policies_(std::move(policies)), options_(options) {
+    config_.validate();
+    SPECMOE_EXPECTS(config_.num_ranks == 1, errc::unsupported, "moe_layer<cuda_space> runs one rank; num_ranks is ",
+                    config_.num_ranks, " (expert parallelism across GPUs needs a device CommBackend)");
+    validate_weights(weights, config_, /*check_values=*/false);
+    SPECMOE_EXPECTS(options_.max_tokens > 0, errc::invalid_argument, "max_tokens must be positive, got ",
+                    options_.max_tokens);
+    SPECMOE_EXPECTS(config_.hidden_size % 8 == 0 && config_.ffn_size % 8 == 0 &&
+                        (config_.num_shared_experts == 0 || config_.shared_ffn_size % 8 == 0),
+                    errc::unsupported, "hidden and FFN sizes must be multiples of 8 (16-byte rows), got ",
+                    config_.hidden_size, " and ", config_.ffn_size);
+    SPECMOE_EXPECTS(config_.top_k <= 32 && config_.gate.num_groups <= 32, errc::unsupported,
+                    "the GPU gate handles top_k and num_groups up to 32");
+    check_expert_tensor(weights.experts.gate, "experts.gate");
+    check_expert_tensor(weights.experts.up, "experts.up");
+    check_expert_tensor(weights.experts.down, "experts.down");
+    allocate();
+  }
+
+  moe_layer(moe_layer const&) = delete;
+  moe_layer& operator=(moe_layer const&) = delete;
+  ~moe_layer() { release(); }
+
+  /// Bytes of device memory the layer holds for max_tokens (workspace, pointer tables).
+  [[nodiscard]] std::size_t workspace_bytes() const noexcept { return workspace_bytes_; }
+  [[nodiscard]] moe_config const& config() const noexcept { return config_; }
+
+  /// @brief Enqueues out[t] = MoE(x[t]) on `stream`. Host-side checks (shapes, alignment,
+  /// max_tokens) throw before anything is enqueued; device-side ones are read by `check`.
+  void forward_async(cuda_batch const& batch, matrix_view<bf16> out, cudaStream_t stream,
+                     cuda_routing_output routing_out = {}) {
+    auto const H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
+    auto const n = batch.x.rows;
+    SPECMOE_EXPECTS(batch.x.cols == H && out.cols == H && out.rows == n, errc::shape_mismatch, "x [", batch.x.rows, ", ",
+                    batch.x.cols, "] and out [", out.rows, ", ", out.cols, "] must both be [tokens, ", H, "]");
+    SPECMOE_EXPECTS(n <= options_.max_tokens, errc::invalid_argument, n, " tokens exceed max_tokens ",
+                    options_.max_tokens, " the workspace was sized for (cuda_layer_options::max_tokens)");
+    SPECMOE_EXPECTS(batch.x.stride == H && out.stride % 8 == 0, errc::unsupported,
+                    "x must be dense rows (stride = hidden) and out's stride a multiple of 8");
+    SPECMOE_EXPECTS(n == 0 || (aligned(batch.x.data) && aligned(out.data)), errc::invalid_argument,
+                    "x and out must be 16-byte aligned device memory");
+    if (batch.routing) {
+      SPECMOE_EXPECTS(batch.routing->num_tokens == n && batch.routing->top_k == k &&
+                          batch.routing->topk_ids.size() == static_cast<std::size_t>(n * k) &&
+                          batch.routing->topk_weights.size() == static_cast<std::size_t>(n * k),
+                      errc::shape_mismatch, "routing is [", batch.routing->num_tokens, ", ", batch.routing->top_k,
+                      "], the batch needs [", n, ", ", k, "]");
+    }
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
+                                     stream));
+    if (n == 0) return;
+    auto const* x = reinterpret_cast<__nv_bfloat16 const*>(batch.x.data);
+    std::int32_t const* ids = nullptr;
+    float const* weights = nullptr;
+    if (batch.routing) {
+      ids = batch.routing->topk_ids.data();
+      weights = batch.routing->topk_weights.data();
+    } else {
+      auto* out_ids = routing_out.topk_ids ? routing_out.topk_ids : ids_;
+      auto* out_weights = routing_out.topk_weights ? routing_out.topk_weights : topk_weights_;
+      float const one = 1.0f, zero = 0.0f;
+      SPECMOE_CUBLAS_TRY(cublasSetStream(cublas_, stream));
+      // logits^T [E, n] (column-major) = W_router [E, H] . x^T
+      SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
+                                      weights_.router.weight.data, CUDA_R_16BF,
+                                      static_cast<int>(weights_.router.weight.stride), x, CUDA_R_16BF, H, &zero,
+                                      logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids,
+                                                 out_weights, status_, stream));
+      ids = out_ids;
+      weights = out_weights;
+    }
+    SPECMOE_CUDA_TRY(kernels::launch_layout(ids, weights, n, k, E, layout_, status_, stream));
+    auto const rows = n * k;
+    SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
+    SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_ptrs_, up_ptrs_,
+                                                            gate_up_ld_, H, config_.ffn_size, h_, stream));
+    SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_ptrs_, down_ld_,
+                                                  config_.ffn_size, H, y_, stream));
+    auto const S = config_.num_shared_experts;
+    if (S > 0) {
+      SPECMOE_CUDA_TRY(kernels::launch_single_group_offsets(shared_offsets_, n, stream));
+      for (int s = 0; s < S; ++s) {
+        SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(x, shared_offsets_, 1, n, shared_gate_ptrs_ + s,
+                                                                shared_up_ptrs_ + s, shared_gate_up_ld_, H,
+                                                                config_.shared_ffn_size, shared_h_, stream));
+        SPECMOE_CUDA_TRY(kernels::launch_grouped_down(shared_h_, shared_offsets_, 1, n, shared_down_ptrs_ + s,
+                                                      shared_down_ld_, config_.shared_ffn_size, H,
+                                                      shared_y_ + s * n * H, stream));
+      }
+    }
+    SPECMOE_CUDA_TRY(kernels::launch_combine(y_, layout_.position, weights, n, k, H, shared_y_, S,
+                                             reinterpret_cast<__nv_bfloat16*>(out.data), out.stride, status_, stream));
+  }
+
+  /// @brief Waits for `stream` and raises what the device flagged during the last forward.
+  /// @throw specmoe::error `non_finite` or `expert_out_of_range` naming the first token.
+  void check(cudaStream_t stream) {
+    SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    kernels::device_status s{};
+    SPECMOE_CUDA_TRY(cudaMemcpy(&s, status_, sizeof s, cudaMemcpyDeviceToHost));
+    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_expert_out_of_range), errc::expert_out_of_range,
+                    "routing names an expert id outside [-1, ", config_.num_experts, ") at token ", s.first_token,
+                    " (first flagged); the output was not written");
+    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_logit), errc::non_finite, "router logits of token ",
+                    s.first_token, " (first flagged) are not finite (NaN or Inf); the output was not written");
+    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_weight), errc::non_finite,
+                    "a routing weight of token ", s.first_token, " (first flagged) is not finite; the output was not written");
+  }
+
+  /// @brief forward_async, then check: returns when `out` holds the result.
+  void forward(cuda_batch const& batch, matrix_view<bf16> out, cudaStream_t stream = nullptr,
+               cuda_routing_output routing_out = {}) {
+    forward_async(batch, out, stream, routing_out);
+    check(stream);
+  }
+
+ private:
+  static bool aligned(void const* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+  void check_expert_tensor(expert_tensor<bf16> const& t, char const* name) const {
+    SPECMOE_EXPECTS(t.row_stride % 8 == 0 && (t.count <= 1 || t.expert_stride % 8 == 0) && aligned(t.data),
+                    errc::unsupported, name, " needs 16-byte aligned rows (strides multiples of 8 elements)");
+  }
+
+  template <class T>
+  T* carve(std::byte*& cursor, std::size_t count) {
+    auto* p = reinterpret_cast<T*>(cursor);
+    cursor += (count * sizeof(T) + 255) / 256 * 256;
+    return p;
+  }
+
+  void allocate() {
+    auto const N = static_cast<std::size_t>(options_.max_tokens);
+    auto const E = static_cast<std::size_t>(config_.num_experts), k = static_cast<std::size_t>(config_.top_k);
+    auto const H = static_cast<std::size_t>(config_.hidden_size), F = static_cast<std::size_t>(config_.ffn_size);
+    auto const S = static_cast<std::size_t>(config_.num_shared_experts);
+    auto const SF = static_cast<std::size_t>(config_.shared_ffn_size);
+    auto const slots = N * k;
+    auto const sort_bytes = kernels::layout_sort_temp_bytes(static_cast<long long>(slots), config_.num_experts);
+    auto size = [](std::size_t bytes) { return (bytes + 255) / 256 * 256; };
+    std::size_t const cublas_ws = 4u << 20;
+    workspace_bytes_ = size(2 * sizeof(kernels::device_status)) + size(N * E * 4) + size(slots * 4) * 7 +
+                       size((E + 1) * 8) + size(sort_bytes) + size(slots * H * 2) + size(slots * F * 2) +
+                       size(slots * H * 2) + size(3 * E * sizeof(void*)) + size(3 * S * sizeof(void*)) + size(16) +
+                       size(N * SF * 2) + size(S * N * H * 2) + size(E * 4) + cublas_ws;
+    SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, workspace_bytes_));
+    auto* cursor = static_cast<std::byte*>(workspace_);
+    status_ = carve<kernels::device_status>(cursor, 1);
+    clean_status_ = carve<kernels::device_status>(cursor, 1);
+    logits_ = carve<float>(cursor, N * E);
+    ids_ = carve<std::int32_t>(cursor, slots);
+    topk_weights_ = carve<float>(cursor, slots);
+    layout_.keys_in = carve<std::int32_t>(cursor, slots);
+    layout_.keys_out = carve<std::int32_t>(cursor, slots);
+    layout_.vals_in = carve<std::int32_t>(cursor, slots);
+    layout_.sorted_slots = carve<std::int32_t>(cursor, slots);
+    layout_.position = carve<std::int32_t>(cursor, slots);
+    layout_.offsets = carve<std::int64_t>(cursor, E + 1);
+    layout_.sort_temp = carve<std::byte>(cursor, sort_bytes);
+    layout_.sort_temp_bytes = sort_bytes;
+    xp_ = carve<__nv_bfloat16>(cursor, slots * H);
+    h_ = carve<__nv_bfloat16>(cursor, slots * F);
+    y_ = carve<__nv_bfloat16>(cursor, slots * H);
+    auto** tables = carve<__nv_bfloat16 const*>(cursor, 3 * E);
+    gate_ptrs_ = tables;
+    up_ptrs_ = tables + E;
+    down_ptrs_ = tables + 2 * E;
+    auto** shared_tables = carve<__nv_bfloat16 const*>(cursor, 3 * S);
+    shared_gate_ptrs_ = shared_tables;
+    shared_up_ptrs_ = shared_tables + S;
+    shared_down_ptrs_ = shared_tables + 2 * S;
+    shared_offsets_ = carve<std::int64_t>(cursor, 2);
+    shared_h_ = carve<__nv_bfloat16>(cursor, N * SF);
+    shared_y_ = carve<__nv_bfloat16>(cursor, S * N * H);
+    bias_ = nullptr;
+    if (config_.gate.has_score_bias) {
+      bias_ = carve<float>(cursor, E);
+      SPECMOE_CUDA_TRY(cudaMemcpy(bias_, weights_.router.score_bias.data(), E * 4, cudaMemcpyDefault));
+    }
+    cublas_workspace_ = carve<std::byte>(cursor, cublas_ws);
+
+    kernels::device_status const clean{0, 0, (1ll << 62)};
+    SPECMOE_CUDA_TRY(cudaMemcpy(clean_status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
+    SPECMOE_CUDA_TRY(cudaMemcpy(status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
+    // Per-expert weight pointers: the grouped GEMMs find expert e's matrices through them.
+    auto table = [](expert_tensor<bf16> const& t, std::size_t count) {
+      std::vector<__nv_bfloat16 const*> p(count);
+      for (std::size_t e = 0; e < count; ++e)
+        p[e] = reinterpret_cast<__nv_bfloat16 const*>(t.data + static_cast<std::int64_t>(e) * t.expert_stride);
+      return p;
+    };
+    auto upload = [](__nv_bfloat16 const** dst, std::vector<__nv_bfloat16 const*> const& src) {
+      if (!src.empty()) SPECMOE_CUDA_TRY(cudaMemcpy(dst, src.data(), src.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    };
+    upload(gate_ptrs_, table(weights_.experts.gate, E));
+    upload(up_ptrs_, table(weights_.experts.up, E));
+    upload(down_ptrs_, table(weights_.experts.down, E));
+    gate_up_ld_ = weights_.experts.gate.row_stride;
+    SPECMOE_EXPECTS(weights_.experts.up.row_stride == gate_up_ld_, errc::unsupported,
+                    "experts.gate and experts.up need the same row stride");
+    down_ld_ = weights_.experts.down.row_stride;
+    if (S > 0) {
+      upload(shared_gate_ptrs_, table(weights_.shared.gate, S));
+      upload(shared_up_ptrs_, table(weights_.shared.up, S));
+      upload(shared_down_ptrs_, table(weights_.shared.down, S));
+      shared_gate_up_ld_ = weights_.shared.gate.row_stride;
+      shared_down_ld_ = weights_.shared.down.row_stride;
+    }
+    SPECMOE_CUBLAS_TRY(cublasCreate(&cublas_));
+    // A fixed cuBLAS workspace keeps the logits GEMM capturable in a CUDA graph.
+    SPECMOE_CUBLAS_TRY(cublasSetWorkspace(cublas_, cublas_workspace_, cublas_ws));
+  }
+
+  void release() noexcept {
+    if (cublas_) cublasDestroy(cublas_);
+    if (workspace_) cudaFree(workspace_);
+    cublas_ = nullptr;
+    workspace_ = nullptr;
+  }
+
+  moe_config config_;
+  moe_weights<bf16> weights_;
+  policies_type policies_;
+  cuda_layer_options options_;
+  std::size_t workspace_bytes_ = 0;
+  void* workspace_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  kernels::device_status* status_ = nullptr;
+  kernels::device_status* clean_status_ = nullptr;
+  float* logits_ = nullptr;
+  std::int32_t* ids_ = nullptr;
+  float* topk_weights_ = nullptr;
+  kernels::layout_buffers layout_{};
+  __nv_bfloat16* xp_ = nullptr;
+  __nv_bfloat16* h_ = nullptr;
+  __nv_bfloat16* y_ = nullptr;
+  __nv_bfloat16 const** gate_ptrs_ = nullptr;
+  __nv_bfloat16 const** up_ptrs_ = nullptr;
+  __nv_bfloat16 const** down_ptrs_ = nullptr;
+  __nv_bfloat16 const** shared_gate_ptrs_ = nullptr;
+  __nv_bfloat16 const** shared_up_ptrs_ = nullptr;
+  __nv_bfloat16 const** shared_down_ptrs_ = nullptr;
+  std::int64_t* shared_offsets_ = nullptr;
+  __nv_bfloat16* shared_h_ = nullptr;
+  __nv_bfloat16* shared_y_ = nullptr;
+  float* bias_ = nullptr;
+  std::byte* cublas_workspace_ = nullptr;
+  std::int64_t gate_up_ld_ = 0, down_ld_ = 0, shared_gate_up_ld_ = 0, shared_down_ld_ = 0;
+};
+
+}  // namespace specmoe

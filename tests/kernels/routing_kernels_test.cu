@@ -1,0 +1,232 @@
+// Gate, layout, permute and combine kernels against plain host loops on the same inputs.
+#include "support/cuda_testbed.cuh"
+#include "support/testbed.hpp"
+
+#include <specmoe/kernels/combine.cuh>
+#include <specmoe/kernels/gate.cuh>
+#include <specmoe/kernels/layout.cuh>
+#include <specmoe/kernels/permute.cuh>
+#include <specmoe/router/gate.hpp>
+
+#include <cuda_bf16.h>
+
+#include <random>
+
+using namespace specmoe;
+using specmoe::test::device_vector;
+
+namespace {
+
+kernels::device_status* new_status(device_vector<kernels::device_status>& s) {
+  kernels::device_status clean{0, 0, (1ll << 62)};
+  SPECMOE_TEST_CUDA(cudaMemcpy(s.data(), &clean, sizeof clean, cudaMemcpyHostToDevice));
+  return s.data();
+}
+
+moe_config random_gate_config(int E, int k, bool grouped, std::mt19937_64& rng) {
+  moe_config c{.hidden_size = 8, .ffn_size = 8, .num_experts = E, .top_k = k};
+  c.gate.renormalize = rng() % 2 == 0;
+  if (grouped) {
+    c.gate.kind = gate_kind::sigmoid_grouped_topk;
+    c.gate.num_groups = E >= 8 ? 8 : 1;
+    c.gate.topk_groups = std::max(1, c.gate.num_groups / 2);
+    while (c.gate.topk_groups * (E / c.gate.num_groups) < k) ++c.gate.topk_groups;
+    c.gate.routed_scaling_factor = 2.5f;
+    c.gate.has_score_bias = true;
+  }
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("gate kernel: ids and weights equal the host gate bit for bit, ties to the lower id", "[kernels][gate]") {
+  std::mt19937_64 rng(1);
+  for (int E : {8, 64, 128, 256}) {
+    for (int k : {1, 2, 8}) {
+      for (bool grouped : {false, true}) {
+        if (k > E) continue;
+        auto const cfg = random_gate_config(E, k, grouped, rng);
+        long long const n = static_cast<long long>(rng() % 3000) + 1;
+        // Logits on a coarse grid (many exact ties) plus some fine ones.
+        std::vector<float> logits(static_cast<std::size_t>(n * E));
+        std::uniform_int_distribution<int> grid(-16, 16);
+        for (auto& l : logits) l = static_cast<float>(grid(rng)) / 4.0f;
+        std::vector<float> bias(static_cast<std::size_t>(E));
+        for (auto& b : bias) b = static_cast<float>(grid(rng)) / 64.0f;
+        device_vector<float> d_logits(logits), d_bias(bias), d_weights(static_cast<std::size_t>(n * k), 0xff);
+        device_vector<std::int32_t> d_ids(static_cast<std::size_t>(n * k), 0xff);
+        device_vector<kernels::device_status> status(1, 0);
+        auto const p = kernels::gate_params::from(cfg, grouped ? d_bias.data() : nullptr);
+        SPECMOE_TEST_CUDA(kernels::launch_topk_gate(d_logits.data(), n, p, d_ids.data(), d_weights.data(),
+                                                    new_status(status), nullptr));
+        SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+        auto const ids = d_ids.to_host();
+        auto const w = d_weights.to_host();
+        REQUIRE(status.to_host()[0].bits == 0);
+        std::vector<std::int32_t> hid(static_cast<std::size_t>(k));
+        std::vector<float> hw(static_cast<std::size_t>(k));
+        for (long long t = 0; t < n; ++t) {
+          route_token(logits.data() + t * E, grouped ? std::span<float const>(bias) : std::span<float const>(), cfg,
+                      hid.data(), hw.data());
+          for (int j = 0; j < k; ++j) {
+            INFO("E=" << E << " k=" << k << " grouped=" << grouped << " token " << t << " slot " << j);
+            REQUIRE(ids[static_cast<std::size_t>(t * k + j)] == hid[static_cast<std::size_t>(j)]);
+            REQUIRE(w[static_cast<std::size_t>(t * k + j)] == hw[static_cast<std::size_t>(j)]);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gate kernel: a NaN or Inf logit is flagged with its token", "[kernels][gate]") {
+  std::mt19937_64 rng(2);
+  auto const cfg = random_gate_config(64, 8, true, rng);
+  std::vector<float> logits(static_cast<std::size_t>(100 * 64), 0.5f);
+  logits[static_cast<std::size_t>(37 * 64 + 5)] = std::numeric_limits<float>::quiet_NaN();
+  logits[static_cast<std::size_t>(90 * 64 + 1)] = std::numeric_limits<float>::infinity();
+  device_vector<float> d_logits(logits), d_weights(800, 0);
+  device_vector<std::int32_t> d_ids(800, 0);
+  device_vector<kernels::device_status> status(1, 0);
+  SPECMOE_TEST_CUDA(kernels::launch_topk_gate(d_logits.data(), 100, kernels::gate_params::from(cfg, nullptr),
+                                              d_ids.data(), d_weights.data(), new_status(status), nullptr));
+  SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+  auto const s = status.to_host()[0];
+  REQUIRE(s.bits == kernels::device_error_non_finite_logit);
+  REQUIRE(s.first_token == 37);
+}
+
+TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positions", "[kernels][layout]") {
+  std::mt19937_64 rng(3);
+  for (int E : {8, 64, 256}) {
+    for (int k : {1, 2, 8}) {
+      for (long long n : {1ll, 17ll, 4096ll, 16384ll}) {
+        if (k > E) continue;
+        std::vector<std::int32_t> ids(static_cast<std::size_t>(n * k));
+        for (long long t = 0; t < n; ++t) {
+          for (int j = 0; j < k; ++j) {
+            // Skewed: half of all slots go to expert 3 when possible; some empty slots.
+            int e = static_cast<int>(rng() % static_cast<std::uint64_t>(E));
+            if (rng() % 2 == 0 && j == 0) e = 3 % E;
+            if (rng() % 50 == 0) e = -1;
+            ids[static_cast<std::size_t>(t * k + j)] = e;
+          }
+        }
+        long long const slots = n * k;
+        device_vector<std::int32_t> d_ids(ids), keys_in(static_cast<std::size_t>(slots), 0xff),
+            keys_out(static_cast<std::size_t>(slots), 0xff), vals_in(static_cast<std::size_t>(slots), 0xff),
+            sorted(static_cast<std::size_t>(slots), 0xff), position(static_cast<std::size_t>(slots), 0xff);
+        device_vector<std::int64_t> offsets(static_cast<std::size_t>(E + 1), 0xff);
+        auto const temp_bytes = kernels::layout_sort_temp_bytes(slots, E);
+        device_vector<unsigned char> temp(temp_bytes, 0);
+        device_vector<kernels::device_status> status(1, 0);
+        kernels::layout_buffers b{keys_in.data(), keys_out.data(), vals_in.data(), sorted.data(), position.data(),
+                                  offsets.data(), temp.data(), temp_bytes};
+        SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, n, k, E, b, new_status(status), nullptr));
+        SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+        REQUIRE(status.to_host()[0].bits == 0);
+        // Host: counting sort, stable.
+        std::vector<std::int64_t> expect_offsets(static_cast<std::size_t>(E + 1), 0);
+        for (auto e : ids) if (e >= 0) ++expect_offsets[static_cast<std::size_t>(e + 1)];
+        for (int e = 0; e < E; ++e) expect_offsets[static_cast<std::size_t>(e + 1)] += expect_offsets[static_cast<std::size_t>(e)];
+        std::vector<std::int32_t> expect_sorted;
+        for (int e = 0; e < E; ++e) {
+          for (long long s = 0; s < slots; ++s) if (ids[static_cast<std::size_t>(s)] == e) expect_sorted.push_back(static_cast<std::int32_t>(s));
+        }
+        INFO("E=" << E << " k=" << k << " n=" << n);
+        REQUIRE(offsets.to_host() == expect_offsets);
+        auto const got_sorted = sorted.to_host();
+        REQUIRE(std::vector<std::int32_t>(got_sorted.begin(), got_sorted.begin() + static_cast<std::ptrdiff_t>(expect_sorted.size())) == expect_sorted);
+        auto const pos = position.to_host();
+        for (long long s = 0; s < slots; ++s) {
+          if (ids[static_cast<std::size_t>(s)] < 0) {
+            REQUIRE(pos[static_cast<std::size_t>(s)] == -1);
+          } else {
+            REQUIRE(got_sorted[static_cast<std::size_t>(pos[static_cast<std::size_t>(s)])] == s);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("layout kernels: an expert id out of range is flagged with its token", "[kernels][layout]") {
+  std::vector<std::int32_t> ids{0, 1, 2, 3, 9, 1, 2, 0};  // 4 tokens, top-2, E = 8: token 2 holds 9
+  device_vector<std::int32_t> d_ids(ids), a(8, 0), b2(8, 0), c(8, 0), d(8, 0), e(8, 0);
+  device_vector<std::int64_t> offsets(9, 0);
+  auto const bytes = kernels::layout_sort_temp_bytes(8, 8);
+  device_vector<unsigned char> temp(bytes, 0);
+  device_vector<kernels::device_status> status(1, 0);
+  kernels::layout_buffers b{a.data(), b2.data(), c.data(), d.data(), e.data(), offsets.data(), temp.data(), bytes};
+  SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, 4, 2, 8, b, new_status(status), nullptr));
+  SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+  auto const s = status.to_host()[0];
+  REQUIRE(s.bits == kernels::device_error_expert_out_of_range);
+  REQUIRE(s.first_token == 2);
+}
+
+TEST_CASE("permute and combine kernels equal host loops (self-identifying rows)", "[kernels][permute][combine]") {
+  std::mt19937_64 rng(4);
+  int const H = 64, k = 4, S = 1;
+  long long const n = 300;
+  // x row t holds (t % 256, column) patterns that bf16 stores exactly.
+  std::vector<__nv_bfloat16> x(static_cast<std::size_t>(n * H));
+  for (long long t = 0; t < n; ++t)
+    for (int c = 0; c < H; ++c) x[static_cast<std::size_t>(t * H + c)] = __float2bfloat16(static_cast<float>(t % 256) + static_cast<float>(c % 4) / 4.0f);
+  // A permutation of slots (some empty) standing in for the layout.
+  std::vector<std::int32_t> slots(static_cast<std::size_t>(n * k));
+  for (std::size_t i = 0; i < slots.size(); ++i) slots[i] = static_cast<std::int32_t>(i);
+  std::shuffle(slots.begin(), slots.end(), rng);
+  long long const rows = n * k - 7;  // the last 7 slots are "empty"
+  std::vector<std::int32_t> position(static_cast<std::size_t>(n * k), -1);
+  for (long long i = 0; i < rows; ++i) position[static_cast<std::size_t>(slots[static_cast<std::size_t>(i)])] = static_cast<std::int32_t>(i);
+  device_vector<__nv_bfloat16> dx(x), xp(static_cast<std::size_t>(n * k * H), 0xff);
+  device_vector<std::int32_t> dslots(slots), dpos(position);
+  device_vector<std::int64_t> end(std::vector<std::int64_t>{rows});
+  SPECMOE_TEST_CUDA(kernels::launch_gather_rows(dx.data(), H, H, dslots.data(), k, end.data(), n * k, xp.data(), nullptr));
+  SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+  auto const gathered = xp.to_host();
+  for (long long i = 0; i < n * k; ++i) {
+    for (int c = 0; c < H; ++c) {
+      auto const got = gathered[static_cast<std::size_t>(i * H + c)];
+      if (i < rows) {
+        REQUIRE(__bfloat162float(got) == __bfloat162float(x[static_cast<std::size_t>(slots[static_cast<std::size_t>(i)] / k * H + c)]));
+      } else {
+        REQUIRE(reinterpret_cast<std::uint16_t const&>(got) == 0xffff);  // untouched
+      }
+    }
+  }
+  // Combine: y = random rows, weights random, one shared expert.
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<__nv_bfloat16> y(static_cast<std::size_t>(rows * H)), shared(static_cast<std::size_t>(n * H));
+  for (auto& v : y) v = __float2bfloat16(u(rng));
+  for (auto& v : shared) v = __float2bfloat16(u(rng));
+  std::vector<float> w(static_cast<std::size_t>(n * k));
+  for (auto& v : w) v = u(rng);
+  device_vector<__nv_bfloat16> dy(y), dshared(shared), out(static_cast<std::size_t>(n * H), 0xff);
+  device_vector<float> dw(w);
+  device_vector<kernels::device_status> status(1, 0);
+  SPECMOE_TEST_CUDA(kernels::launch_combine(dy.data(), dpos.data(), dw.data(), n, k, H, dshared.data(), S, out.data(), H,
+                                            new_status(status), nullptr));
+  SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+  auto const got = out.to_host();
+  for (long long t = 0; t < n; ++t) {
+    for (int c = 0; c < H; ++c) {
+      float acc = 0.0f;
+      for (int j = 0; j < k; ++j) {
+        auto const row = position[static_cast<std::size_t>(t * k + j)];
+        if (row >= 0) acc = acc + w[static_cast<std::size_t>(t * k + j)] * __bfloat162float(y[static_cast<std::size_t>(row * H + c)]);
+      }
+      acc = acc + __bfloat162float(shared[static_cast<std::size_t>(t * H + c)]);
+      REQUIRE(__bfloat162float(got[static_cast<std::size_t>(t * H + c)]) == __bfloat162float(__float2bfloat16(acc)));
+    }
+  }
+  // A flagged status leaves the output untouched.
+  device_vector<__nv_bfloat16> out2(static_cast<std::size_t>(n * H), 0xff);
+  kernels::device_status bad{kernels::device_error_non_finite_logit, 0, 0};
+  SPECMOE_TEST_CUDA(cudaMemcpy(status.data(), &bad, sizeof bad, cudaMemcpyHostToDevice));
+  SPECMOE_TEST_CUDA(kernels::launch_combine(dy.data(), dpos.data(), dw.data(), n, k, H, dshared.data(), S, out2.data(), H,
+                                            status.data(), nullptr));
+  SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+  for (auto v : out2.to_host()) REQUIRE(reinterpret_cast<std::uint16_t const&>(v) == 0xffff);
+}
