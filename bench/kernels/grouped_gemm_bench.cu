@@ -1,0 +1,348 @@
+// Grouped expert GEMMs (kernels/grouped_gemm.cuh) on the issue-4 shapes, beside their floors and
+// beside cuBLAS doing the same GEMMs one expert at a time (the host-synchronising way).
+//
+//   specmoe_kernels_grouped_gemm_bench --benchmark_out=gemm.json --benchmark_out_format=json
+//
+// Rows:   <shape>/<kernel>/<impl>/tokens:<t>
+//   shape:  mixtral (H 4096, F 14336, 8 experts, top-2), qwen3 (2048, 768, 128, top-8),
+//           dsv3 (7168, 2048, 256, top-8), dsv3_slice32 (the 32 local experts of one rank of 8;
+//           the rows are the slots of the random top-8 routing over 256 that land on them)
+//   kernel: gate_up (w13 fused [2F, H] per expert; + SwiGLU for ours) | down ([H, F] per expert)
+//   impl:   ours (automatic path) | stream / mma (forced path) | cublas (one cublasGemmEx per
+//           non-empty expert with host-known counts; gate_up without the SwiGLU)
+// Counters: TFLOPs, weight_GBps (bytes of the activated experts' weights / time), floor_ratio =
+//   time / max(bytes / measured HBM BW, flops / measured cuBLAS GEMM rate) where bytes = activated
+//   weights + activations in + out; vs_cublas = time / the cublas row's time (same run).
+// The ceilings are measured at start: a 1 GiB cudaMemcpy D2D (read + write bytes) and one
+// 8192^3 bf16 cublasGemmEx on random data. L2 is flushed (256 MiB memset) before each timed launch.
+#include <specmoe/kernels/grouped_gemm.cuh>
+
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace sk = specmoe::kernels;
+using bf16 = __nv_bfloat16;
+
+void check(cudaError_t e, char const* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "CUDA error %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+void check(cublasStatus_t e, char const* what) {
+  if (e != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "cuBLAS error %s: %d\n", what, static_cast<int>(e));
+    std::exit(1);
+  }
+}
+#define CK(x) check((x), #x)
+
+__global__ void fill_random(bf16* p, std::size_t n, std::uint64_t seed, float scale) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    std::uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float const u = (static_cast<float>(z & 0xFFFFFF) + 0.5f) / 16777216.0f - 0.5f;  // never 0
+    p[i] = __float2bfloat16_rn(u * 2.0f * scale);
+  }
+}
+
+void fill(bf16* p, std::size_t n, std::uint64_t seed, float scale) {
+  fill_random<<<1024, 256>>>(p, n, seed, scale);
+  CK(cudaGetLastError());
+}
+
+struct shape {
+  char const* name;
+  int H, F, E, top_k, G;  // G local experts: 0 .. G-1 of E
+};
+shape const shapes[] = {
+    {"mixtral", 4096, 14336, 8, 2, 8},
+    {"qwen3", 2048, 768, 128, 8, 128},
+    {"dsv3", 7168, 2048, 256, 8, 256},
+    {"dsv3_slice32", 7168, 2048, 256, 8, 32},
+};
+int const token_counts[] = {1, 16, 128, 1024, 8192};
+
+double g_hbm_bw = 0.0;     // bytes / s
+double g_gemm_rate = 0.0;  // flop / s
+cublasHandle_t g_cublas = nullptr;
+cudaStream_t g_stream = nullptr;
+cudaEvent_t g_e0 = nullptr, g_e1 = nullptr;
+void* g_flush = nullptr;
+constexpr std::size_t flush_bytes = 256ull << 20;
+std::map<std::string, double> g_cublas_time;
+
+/// Weights of one model: w13 [E_alloc, 2F, H], wd [E_alloc, H, F]; pointer tables on the device.
+struct weights {
+  int H = 0, F = 0, E = 0;
+  bf16* w13 = nullptr;
+  bf16* wd = nullptr;
+  bf16 const** pg = nullptr;
+  bf16 const** pu = nullptr;
+  bf16 const** pd = nullptr;
+  std::vector<bf16 const*> hg, hd;
+  weights(int H_, int F_, int E_) : H(H_), F(F_), E(E_) {
+    std::size_t const n13 = static_cast<std::size_t>(E) * 2 * F * H, nd = static_cast<std::size_t>(E) * H * F;
+    CK(cudaMalloc(&w13, n13 * 2));
+    CK(cudaMalloc(&wd, nd * 2));
+    fill(w13, n13, 1234 + E, 2.0f / std::sqrt(static_cast<float>(H)));
+    fill(wd, nd, 4321 + E, 2.0f / std::sqrt(static_cast<float>(F)));
+    std::vector<bf16 const*> hu(static_cast<std::size_t>(E));
+    hg.resize(static_cast<std::size_t>(E));
+    hd.resize(static_cast<std::size_t>(E));
+    for (int e = 0; e < E; ++e) {
+      hg[static_cast<std::size_t>(e)] = w13 + static_cast<std::size_t>(e) * 2 * F * H;
+      hu[static_cast<std::size_t>(e)] = hg[static_cast<std::size_t>(e)] + static_cast<std::size_t>(F) * H;
+      hd[static_cast<std::size_t>(e)] = wd + static_cast<std::size_t>(e) * H * F;
+    }
+    CK(cudaMalloc(&pg, E * sizeof(void*)));
+    CK(cudaMalloc(&pu, E * sizeof(void*)));
+    CK(cudaMalloc(&pd, E * sizeof(void*)));
+    CK(cudaMemcpy(pg, hg.data(), E * sizeof(void*), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(pu, hu.data(), E * sizeof(void*), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(pd, hd.data(), E * sizeof(void*), cudaMemcpyHostToDevice));
+  }
+};
+
+weights& model_weights(shape const& s) {
+  static std::map<std::string, std::unique_ptr<weights>> cache;
+  std::string const key = std::to_string(s.H) + "x" + std::to_string(s.F) + "x" + std::to_string(s.E);
+  auto& w = cache[key];
+  if (!w) w = std::make_unique<weights>(s.H, s.F, s.E);  // dsv3_slice32 uses dsv3's first 32 experts
+  return *w;
+}
+
+/// Activations and a random routing for (shape, tokens).
+struct case_data {
+  std::vector<std::int64_t> counts, off;
+  std::int64_t M = 0;
+  std::int64_t* d_off = nullptr;
+  bf16* x = nullptr;
+  bf16* h = nullptr;
+  bf16* y = nullptr;
+  bf16* gu = nullptr;  // cuBLAS gate_up output [M, 2F]
+  int active = 0;
+};
+
+case_data& get_case(shape const& s, int tokens) {
+  static std::map<std::string, std::unique_ptr<case_data>> cache;
+  static std::string last;
+  std::string const key = std::string(s.name) + "/" + std::to_string(tokens);
+  if (key != last && !last.empty()) {  // free the previous case's buffers (they are large)
+    auto& c = cache[last];
+    if (c) {
+      cudaFree(c->d_off);
+      cudaFree(c->x);
+      cudaFree(c->h);
+      cudaFree(c->y);
+      cudaFree(c->gu);
+      c.reset();
+    }
+  }
+  last = key;
+  auto& c = cache[key];
+  if (c) return *c;
+  c = std::make_unique<case_data>();
+  std::mt19937_64 rng(static_cast<std::uint64_t>(tokens) * 7919 + static_cast<std::uint64_t>(s.E));
+  c->counts.assign(static_cast<std::size_t>(s.G), 0);
+  std::vector<int> ids(static_cast<std::size_t>(s.E));
+  for (int t = 0; t < tokens; ++t) {
+    for (int e = 0; e < s.E; ++e) ids[static_cast<std::size_t>(e)] = e;
+    for (int j = 0; j < s.top_k; ++j) {  // top_k distinct experts, uniform
+      int const pick = j + static_cast<int>(rng() % static_cast<std::uint64_t>(s.E - j));
+      std::swap(ids[static_cast<std::size_t>(j)], ids[static_cast<std::size_t>(pick)]);
+      if (ids[static_cast<std::size_t>(j)] < s.G) ++c->counts[static_cast<std::size_t>(ids[static_cast<std::size_t>(j)])];
+    }
+  }
+  c->off.assign(static_cast<std::size_t>(s.G) + 1, 0);
+  for (int g = 0; g < s.G; ++g) {
+    c->off[static_cast<std::size_t>(g) + 1] = c->off[static_cast<std::size_t>(g)] + c->counts[static_cast<std::size_t>(g)];
+    c->active += c->counts[static_cast<std::size_t>(g)] > 0;
+  }
+  c->M = std::max<std::int64_t>(c->off.back(), 1);
+  CK(cudaMalloc(&c->d_off, c->off.size() * sizeof(std::int64_t)));
+  CK(cudaMemcpy(c->d_off, c->off.data(), c->off.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&c->x, static_cast<std::size_t>(c->M) * s.H * 2));
+  CK(cudaMalloc(&c->h, static_cast<std::size_t>(c->M) * s.F * 2));
+  CK(cudaMalloc(&c->y, static_cast<std::size_t>(c->M) * s.H * 2));
+  CK(cudaMalloc(&c->gu, static_cast<std::size_t>(c->M) * 2 * s.F * 2));
+  fill(c->x, static_cast<std::size_t>(c->M) * s.H, 99, 1.0f);
+  fill(c->h, static_cast<std::size_t>(c->M) * s.F, 98, 1.0f);
+  CK(cudaDeviceSynchronize());
+  return *c;
+}
+
+/// row-major C[m, n] = A[m, k] . W[n, k]^T with cuBLAS (column-major: C^T = W^T' . A^T)
+void cublas_rowmajor(bf16 const* A, bf16 const* W, bf16* C, int m, int n, int k) {
+  float const alpha = 1.0f, beta = 0.0f;
+  CK(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, W, CUDA_R_16BF, k, A, CUDA_R_16BF, k, &beta, C, CUDA_R_16BF, n,
+                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+enum class impl { ours, stream, mma, cublas };
+char const* impl_name(impl i) {
+  switch (i) {
+    case impl::ours: return "ours";
+    case impl::stream: return "stream";
+    case impl::mma: return "mma";
+    default: return "cublas";
+  }
+}
+
+void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which, int tokens) {
+  weights& w = model_weights(s);
+  case_data& c = get_case(s, tokens);
+  auto const path = which == impl::stream ? sk::grouped_gemm_path::stream
+                    : which == impl::mma  ? sk::grouped_gemm_path::mma
+                                          : sk::grouped_gemm_path::automatic;
+  auto launch = [&] {
+    if (which == impl::cublas) {
+      for (int g = 0; g < s.G; ++g) {
+        auto const n = static_cast<int>(c.counts[static_cast<std::size_t>(g)]);
+        if (n == 0) continue;
+        auto const m0 = c.off[static_cast<std::size_t>(g)];
+        if (gate_up) {
+          cublas_rowmajor(c.x + m0 * s.H, w.hg[static_cast<std::size_t>(g)], c.gu + m0 * 2 * s.F, n, 2 * s.F, s.H);
+        } else {
+          cublas_rowmajor(c.h + m0 * s.F, w.hd[static_cast<std::size_t>(g)], c.y + m0 * s.H, n, s.H, s.F);
+        }
+      }
+    } else if (gate_up) {
+      CK(sk::launch_grouped_gate_up_swiglu(c.x, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream, path));
+    } else {
+      CK(sk::launch_grouped_down(c.h, c.d_off, s.G, c.M, w.pd, s.F, s.F, s.H, c.y, g_stream, path));
+    }
+  };
+  launch();  // warm-up
+  CK(cudaStreamSynchronize(g_stream));
+  double total_s = 0.0;
+  std::int64_t iters = 0;
+  for (auto _ : state) {
+    CK(cudaMemsetAsync(g_flush, static_cast<int>(iters & 0x7f), flush_bytes, g_stream));
+    CK(cudaEventRecord(g_e0, g_stream));
+    launch();
+    CK(cudaEventRecord(g_e1, g_stream));
+    CK(cudaEventSynchronize(g_e1));
+    float ms = 0.0f;
+    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
+    state.SetIterationTime(ms * 1e-3);
+    total_s += ms * 1e-3;
+    ++iters;
+  }
+  double const mean_s = total_s / static_cast<double>(std::max<std::int64_t>(iters, 1));
+  double const rows = static_cast<double>(c.off.back());
+  double const in = gate_up ? s.H : s.F, out = gate_up ? 2.0 * s.F : s.H;
+  double const flops = 2.0 * rows * in * out;
+  double const wbytes = static_cast<double>(c.active) * in * out * 2.0;
+  double const abytes = rows * (in + (gate_up ? s.F : s.H)) * 2.0;
+  double const floor_s = std::max((wbytes + abytes) / g_hbm_bw, flops / g_gemm_rate);
+  state.counters["TFLOPs"] = flops / mean_s * 1e-12;
+  state.counters["weight_GBps"] = wbytes / mean_s * 1e-9;
+  state.counters["floor_us"] = floor_s * 1e6;
+  state.counters["floor_ratio"] = mean_s / floor_s;
+  state.counters["rows"] = rows;
+  state.counters["experts"] = c.active;
+  std::string const key = std::string(s.name) + (gate_up ? "/gate_up/" : "/down/") + std::to_string(tokens);
+  if (which == impl::cublas) {
+    g_cublas_time[key] = mean_s;
+  } else if (auto const it = g_cublas_time.find(key); it != g_cublas_time.end()) {
+    state.counters["vs_cublas"] = mean_s / it->second;
+  }
+}
+
+void bench(benchmark::State& state, shape const* s, bool gate_up, impl which, int tokens) { run_case(state, *s, gate_up, which, tokens); }
+
+void measure_ceilings() {
+  std::size_t const bytes = 1ull << 30;
+  void *a = nullptr, *b = nullptr;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  std::vector<float> t;
+  for (int i = 0; i < 7; ++i) {
+    CK(cudaEventRecord(g_e0, g_stream));
+    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream));
+    CK(cudaEventRecord(g_e1, g_stream));
+    CK(cudaEventSynchronize(g_e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  g_hbm_bw = 2.0 * static_cast<double>(bytes) / (t[t.size() / 2] * 1e-3);
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+
+  int const n = 8192;
+  bf16 *A = nullptr, *B = nullptr, *C = nullptr;
+  CK(cudaMalloc(&A, static_cast<std::size_t>(n) * n * 2));
+  CK(cudaMalloc(&B, static_cast<std::size_t>(n) * n * 2));
+  CK(cudaMalloc(&C, static_cast<std::size_t>(n) * n * 2));
+  fill(A, static_cast<std::size_t>(n) * n, 5, 1.0f);
+  fill(B, static_cast<std::size_t>(n) * n, 6, 1.0f);
+  t.clear();
+  for (int i = 0; i < 7; ++i) {
+    CK(cudaEventRecord(g_e0, g_stream));
+    cublas_rowmajor(A, B, C, n, n, n);
+    CK(cudaEventRecord(g_e1, g_stream));
+    CK(cudaEventSynchronize(g_e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  g_gemm_rate = 2.0 * n * static_cast<double>(n) * n / (t[t.size() / 2] * 1e-3);
+  CK(cudaFree(A));
+  CK(cudaFree(B));
+  CK(cudaFree(C));
+  std::printf("ceilings: HBM copy %.3f TB/s (read+write), cuBLAS bf16 8192^3 %.1f TFLOP/s\n", g_hbm_bw * 1e-12, g_gemm_rate * 1e-12);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  CK(cudaEventCreate(&g_e0));
+  CK(cudaEventCreate(&g_e1));
+  CK(cudaMalloc(&g_flush, flush_bytes));
+  check(cublasCreate(&g_cublas), "cublasCreate");
+  check(cublasSetStream(g_cublas, g_stream), "cublasSetStream");
+  measure_ceilings();
+  benchmark::AddCustomContext("hbm_copy_TBps", std::to_string(g_hbm_bw * 1e-12));
+  benchmark::AddCustomContext("cublas_bf16_TFLOPs", std::to_string(g_gemm_rate * 1e-12));
+  for (auto const& s : shapes) {
+    for (int tokens : token_counts) {
+      for (bool gate_up : {true, false}) {
+        for (impl which : {impl::cublas, impl::ours, impl::stream, impl::mma}) {
+          // the forced stream path re-reads weights per 8 rows: only where groups are small
+          double const rows_per_group = static_cast<double>(tokens) * s.top_k / s.E;
+          if (which == impl::stream && rows_per_group > 64) continue;
+          std::string const name = std::string(s.name) + (gate_up ? "/gate_up/" : "/down/") + impl_name(which) + "/tokens:" + std::to_string(tokens);
+          benchmark::RegisterBenchmark(name.c_str(), bench, &s, gate_up, which, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
+        }
+      }
+    }
+  }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  cublasDestroy(g_cublas);
+  return 0;
+}

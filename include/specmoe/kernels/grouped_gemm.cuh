@@ -1,0 +1,497 @@
+// specmoe/kernels/grouped_gemm.cuh: the expert FFN of an MoE layer as grouped GEMMs over all local
+// experts of one GPU, with no host synchronisation (issue 4).
+//
+// Rows arrive permuted into expert-major order: rows offsets[g] .. offsets[g+1]-1 belong to group
+// (local expert) g. The offsets live only on the device; the grids are sized from the host-known
+// upper bounds M_total (rows, e.g. tokens x top_k) and G, and blocks beyond the real work exit.
+// Weights come per group through a device array of pointers, each a row-major [rows_out, K]
+// matrix (PyTorch Linear layout) with row stride `ld` elements.
+//
+//   launch_grouped_gate_up_swiglu: h[m, f] = bf16_rn(silu(x_m . Wg[f]) * (x_m . Wu[f]))
+//   launch_grouped_down:           y[m, n] = bf16_rn(h_m . Wd[n])        (or fp32 y)
+//
+// fp32 accumulation everywhere; silu(g) = g / (1 + expf(-g)), as detail/host/ffn.hpp.
+//
+// Two paths, chosen in the wrapper from host-known numbers only (M_total / G):
+//   stream: few rows per group (decode). Each warp streams whole weight rows with 16-byte loads
+//           and applies each weight element to up to 8 rows of its group (weights read once per
+//           8 rows of a group).
+//   mma:    many rows per group (prefill). 128x128x64 tiles, mma.sync m16n8k16 bf16 tensor cores,
+//           ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline; each block finds
+//           its (group, row tile) by a block-wide scan of the offsets (no tile table, no
+//           workspace); tiles are visited in bands of 8 row tiles so that a weight tile is read
+//           from HBM about once per band.
+//
+// Requirements (the wrappers return cudaErrorInvalidValue otherwise): K, F, N_out and ld multiples
+// of 8, all pointers 16-byte aligned, G >= 1, offsets[0] = 0, offsets non-decreasing,
+// offsets[G] <= M_total. Rows m >= offsets[G] (padding) are never written. No allocation, no
+// synchronisation: the launches can be captured in a CUDA graph.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace specmoe::kernels {
+
+/// Which kernel runs: `automatic` chooses from M_total / G (the default); the others force one
+/// path (tests and benchmarks).
+enum class grouped_gemm_path { automatic, stream, mma };
+
+/// Scratch the grouped GEMMs need: none (each block scans the offsets itself).
+constexpr std::size_t grouped_gemm_workspace_bytes(int /*G*/, std::int64_t /*M_total*/) noexcept { return 0; }
+
+namespace grouped_gemm_detail {
+
+using bf16 = __nv_bfloat16;
+
+inline constexpr int threads = 256;  // both kernels: 8 warps
+
+// ------------------------------------------------------------------------------------------
+// small device helpers
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+__device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void store_one(bf16* p, float a) { *p = __float2bfloat16_rn(a); }
+__device__ __forceinline__ void store_one(float* p, float a) { *p = a; }
+
+__device__ __forceinline__ uint4 load_stream(void const* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
+  auto const* h = reinterpret_cast<__nv_bfloat162 const*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 const t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, void const* gmem, bool valid) {
+  auto const s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  int const bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], void const* smem) {
+  auto const s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], unsigned const (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ------------------------------------------------------------------------------------------
+// stream path (decode): grid (ceil(N / rows_per_block), min(G, M_total)); block y serves the
+// y-th non-empty group. Each warp owns `rpw` output rows of each of the NMAT matrices (NMAT = 2:
+// gate and up), streams them once per chunk of up to 8 group rows, and reduces across lanes.
+// ------------------------------------------------------------------------------------------
+inline constexpr int stream_rpw = 2;                                  // output rows per warp
+inline constexpr int stream_rows_per_block = stream_rpw * threads / 32;  // 16
+
+template <int NMAT, int R, class OutT>
+__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int64_t m0, int rows, bf16 const* const (&wrow)[stream_rpw][NMAT],
+                                            bool const (&nvalid)[stream_rpw], int n_first, int K, OutT* __restrict__ out,
+                                            std::int64_t ldo) {
+  int const lane = threadIdx.x & 31;
+  float acc[stream_rpw][NMAT][R];
+#pragma unroll
+  for (int i = 0; i < stream_rpw; ++i)
+#pragma unroll
+    for (int j = 0; j < NMAT; ++j)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[i][j][r] = 0.0f;
+
+  bf16 const* xrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) xrow[r] = a + (m0 + (r < rows ? r : 0)) * static_cast<std::int64_t>(K);
+
+#pragma unroll 2
+  for (int k = lane * 8; k < K; k += 256) {
+    uint4 wv[stream_rpw][NMAT];
+#pragma unroll
+    for (int i = 0; i < stream_rpw; ++i)
+#pragma unroll
+      for (int j = 0; j < NMAT; ++j) wv[i][j] = nvalid[i] ? load_stream(wrow[i][j] + k) : make_uint4(0, 0, 0, 0);
+    float wf[stream_rpw][NMAT][8];
+#pragma unroll
+    for (int i = 0; i < stream_rpw; ++i)
+#pragma unroll
+      for (int j = 0; j < NMAT; ++j) unpack8(wv[i][j], wf[i][j]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float xf[8];
+      unpack8(__ldg(reinterpret_cast<uint4 const*>(xrow[r] + k)), xf);
+#pragma unroll
+      for (int i = 0; i < stream_rpw; ++i)
+#pragma unroll
+        for (int j = 0; j < NMAT; ++j)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[i][j][r] = fmaf(wf[i][j][e], xf[e], acc[i][j][r]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < stream_rpw; ++i)
+#pragma unroll
+    for (int j = 0; j < NMAT; ++j)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) acc[i][j][r] += __shfl_xor_sync(0xffffffffu, acc[i][j][r], s);
+      }
+  // lane r writes row r (R <= 8 <= 32)
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (lane == r && r < rows) {
+#pragma unroll
+      for (int i = 0; i < stream_rpw; ++i) {
+        if (!nvalid[i]) continue;
+        float v;
+        if constexpr (NMAT == 2) {
+          v = silu_mul(acc[i][0][r], acc[i][1][r]);
+        } else {
+          v = acc[i][0][r];
+        }
+        store_one(out + (m0 + r) * ldo + n_first + i, v);
+      }
+    }
+  }
+}
+
+template <int NMAT, class OutT>
+__global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
+                                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
+                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
+  using scan_t = cub::BlockScan<int, threads>;
+  __shared__ typename scan_t::TempStorage scan_storage;
+  __shared__ int s_group;
+  int const tid = threadIdx.x;
+  int const want = static_cast<int>(blockIdx.y);  // the want-th non-empty group
+  if (tid == 0) s_group = -1;
+  __syncthreads();
+  int carry = 0;
+  for (int base = 0; base < G; base += threads) {
+    int const g = base + tid;
+    int const flag = (g < G && offsets[g + 1] > offsets[g]) ? 1 : 0;
+    int excl = 0, total = 0;
+    scan_t(scan_storage).ExclusiveSum(flag, excl, total);
+    if (flag && carry + excl == want) s_group = g;
+    carry += total;
+    __syncthreads();
+    if (carry > want) break;  // uniform: every thread holds the same carry
+  }
+  int const g = s_group;
+  if (g < 0) return;
+
+  std::int64_t const mb = offsets[g], me = offsets[g + 1];
+  int const warp = tid >> 5;
+  int const n_first = blockIdx.x * stream_rows_per_block + warp * stream_rpw;
+  if (n_first >= N) return;
+  bf16 const* wrow[stream_rpw][NMAT];
+  bool nvalid[stream_rpw];
+  bf16 const* const base0 = w0[g];
+  bf16 const* const base1 = NMAT == 2 ? w1[g] : nullptr;
+#pragma unroll
+  for (int i = 0; i < stream_rpw; ++i) {
+    nvalid[i] = n_first + i < N;
+    int const n = nvalid[i] ? n_first + i : n_first;
+    wrow[i][0] = base0 + static_cast<std::int64_t>(n) * ld;
+    if constexpr (NMAT == 2) wrow[i][1] = base1 + static_cast<std::int64_t>(n) * ld;
+  }
+  std::int64_t const ldo = N;
+  for (std::int64_t m0 = mb; m0 < me; m0 += 8) {
+    int const rows = static_cast<int>(me - m0 < 8 ? me - m0 : 8);
+    if (rows == 1) {
+      stream_rows<NMAT, 1>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else if (rows == 2) {
+      stream_rows<NMAT, 2>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else if (rows <= 4) {
+      stream_rows<NMAT, 4>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else {
+      stream_rows<NMAT, 8>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// mma path (prefill)
+// ------------------------------------------------------------------------------------------
+inline constexpr int mma_bm = 128, mma_bn = 128, mma_bk = 64, mma_stages = 3, mma_band = 8;
+inline constexpr int mma_stage_elems = (mma_bm + mma_bn) * mma_bk;
+inline constexpr std::size_t mma_smem_bytes = static_cast<std::size_t>(mma_stages) * mma_stage_elems * sizeof(bf16);  // 96 KiB
+
+// element offset of 16-byte chunk `c` (0..7) of tile row `row` (64 elements a row), XOR-swizzled
+__device__ __forceinline__ int swz(int row, int c) { return row * mma_bk + ((c ^ (row & 7)) << 3); }
+
+/// SWIGLU: the block's B tile holds 64 gate rows then 64 up rows of the same 64 outputs, and the
+/// epilogue writes bf16(silu(g) * u); otherwise 128 rows of one matrix and plain outputs.
+template <bool SWIGLU, class OutT>
+__global__ void __launch_bounds__(threads, 2)
+    grouped_mma_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G, bf16 const* const* __restrict__ w0,
+                       bf16 const* const* __restrict__ w1, std::int64_t ld, int K, int N, OutT* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* const smem = reinterpret_cast<bf16*>(smem_raw);
+  using scan_t = cub::BlockScan<int, threads>;
+  __shared__ typename scan_t::TempStorage scan_storage;
+  int const tid = threadIdx.x;
+
+  // 1. tile prefix over groups (in the pipeline's shared memory, free until the main loop)
+  int* const pre = reinterpret_cast<int*>(smem_raw);
+  int carry = 0;
+  for (int base = 0; base < G; base += threads) {
+    int const g = base + tid;
+    int tiles = 0;
+    if (g < G) tiles = static_cast<int>((offsets[g + 1] - offsets[g] + mma_bm - 1) / mma_bm);
+    int incl = 0, total = 0;
+    scan_t(scan_storage).InclusiveSum(tiles, incl, total);
+    if (g < G) pre[g + 1] = carry + incl;
+    carry += total;
+    __syncthreads();
+  }
+  if (tid == 0) pre[0] = 0;
+  __syncthreads();
+  int const total_tiles = carry;
+  constexpr int out_per_tile = SWIGLU ? mma_bn / 2 : mma_bn;
+  int const n_tiles = (N + out_per_tile - 1) / out_per_tile;
+  long long const lin = blockIdx.x;
+  if (lin >= static_cast<long long>(total_tiles) * n_tiles) return;
+  int const band = static_cast<int>(lin / (static_cast<long long>(mma_band) * n_tiles));
+  int const r = static_cast<int>(lin % (static_cast<long long>(mma_band) * n_tiles));
+  int const h = min(mma_band, total_tiles - band * mma_band);
+  int const mt = band * mma_band + r % h;
+  int const nt = r / h;
+  // group of row tile mt: the last g with pre[g] <= mt
+  int lo = 0, hi = G;  // pre[lo] <= mt < pre[hi]
+  while (hi - lo > 1) {
+    int const mid = (lo + hi) >> 1;
+    if (pre[mid] <= mt) lo = mid; else hi = mid;
+  }
+  int const g = lo;
+  std::int64_t const m0 = offsets[g] + static_cast<std::int64_t>(mt - pre[g]) * mma_bm;
+  std::int64_t const rows_left = offsets[g + 1] - m0;
+  int const mrows = static_cast<int>(rows_left < mma_bm ? rows_left : mma_bm);
+  int const n0 = nt * out_per_tile;
+  bf16 const* const wb0 = w0[g];
+  bf16 const* const wb1 = SWIGLU ? w1[g] : nullptr;
+  __syncthreads();  // pre[] is dead from here: the pipeline may overwrite it
+
+  // 2. per-thread load assignments: 4 chunks of A and 4 of B per stage
+  bf16 const* a_src[4];
+  bool a_ok[4];
+  int a_dst[4];
+  bf16 const* b_src[4];
+  bool b_ok[4];
+  int b_dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int const c = tid + i * threads;  // 0..1023
+    int const row = c >> 3, ch = c & 7;
+    a_ok[i] = row < mrows;
+    a_src[i] = a + (m0 + (a_ok[i] ? row : 0)) * static_cast<std::int64_t>(K) + ch * 8;
+    a_dst[i] = swz(row, ch);
+    int n;
+    bf16 const* wb;
+    if constexpr (SWIGLU) {
+      n = n0 + (row & 63);
+      wb = row < 64 ? wb0 : wb1;
+    } else {
+      n = n0 + row;
+      wb = wb0;
+    }
+    b_ok[i] = n < N;
+    b_src[i] = wb + static_cast<std::int64_t>(b_ok[i] ? n : 0) * ld + ch * 8;
+    b_dst[i] = mma_bm * mma_bk + swz(row, ch);
+  }
+  int const k_tiles = (K + mma_bk - 1) / mma_bk;
+  auto load_stage = [&](int stage, int kt) {
+    bf16* const s = smem + stage * mma_stage_elems;
+    int const k0 = kt * mma_bk;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int const ch = (tid + i * threads) & 7;
+      bool const kok = k0 + ch * 8 < K;
+      cp_async16(s + a_dst[i], kok ? a_src[i] + k0 : a, a_ok[i] && kok);
+      cp_async16(s + b_dst[i], kok ? b_src[i] + k0 : wb0, b_ok[i] && kok);
+    }
+  };
+
+  // 3. warp tiling: 2 (m) x 4 (n) warps, each 64 rows x 32 columns of the B tile
+  int const warp = tid >> 5, lane = tid & 31;
+  int const wm = warp >> 2, wn = warp & 3;
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < mma_stages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<mma_stages - 2>();
+    __syncthreads();
+    {
+      int const nk = kt + mma_stages - 1;
+      if (nk < k_tiles) load_stage(nk % mma_stages, nk);
+      cp_async_commit();
+    }
+    bf16 const* const sa = smem + (kt % mma_stages) * mma_stage_elems;
+    bf16 const* const sb = sa + mma_bm * mma_bk;
+#pragma unroll
+    for (int kk = 0; kk < mma_bk / 16; ++kk) {
+      unsigned af[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        int const row = wm * 64 + mi * 16 + (lane & 15);
+        ldmatrix_x4(af[mi], sa + swz(row, kk * 2 + (lane >> 4)));
+      }
+      unsigned bfr[2][4];
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        int const base = SWIGLU ? p * 64 + wn * 16 : wn * 32 + p * 16;
+        int const row = base + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(bfr[p], sb + swz(row, kk * 2 + ((lane >> 3) & 1)));
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_bf16(acc[mi][ni], af[mi], bfr[ni >> 1][(ni & 1) * 2], bfr[ni >> 1][(ni & 1) * 2 + 1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // 4. epilogue
+  std::int64_t const ldo = N;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      int const row = wm * 64 + mi * 16 + (lane >> 2) + half * 8;
+      if (row >= mrows) continue;
+      OutT* const orow = out + (m0 + row) * ldo;
+      if constexpr (SWIGLU) {
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni) {
+          int const col = n0 + wn * 16 + ni * 8 + (lane & 3) * 2;
+          if (col < N) {
+            store_pair(orow + col, silu_mul(acc[mi][ni][half * 2], acc[mi][ni + 2][half * 2]),
+                       silu_mul(acc[mi][ni][half * 2 + 1], acc[mi][ni + 2][half * 2 + 1]));
+          }
+        }
+      } else {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          int const col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+          if (col < N) store_pair(orow + col, acc[mi][ni][half * 2], acc[mi][ni][half * 2 + 1]);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------
+inline bool aligned16(void const* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+/// The automatic choice: the stream path while groups hold few rows on average. Measured on an
+/// H100 (docs/benchmarks.md, issue 4): gate_up (two matrices streamed per warp) stays ahead of
+/// the mma path up to ~4 rows a group, down (one matrix, less in flight) only up to ~2.
+inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total, int nmat) {
+  if (p != grouped_gemm_path::automatic) return p;
+  std::int64_t const active = M_total < G ? M_total : G;  // at most this many non-empty groups
+  std::int64_t const rows_per_group = nmat == 2 ? 4 : 2;
+  return M_total <= rows_per_group * active ? grouped_gemm_path::stream : grouped_gemm_path::mma;
+}
+
+template <int NMAT, class OutT>
+cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0,
+                   bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path) {
+  if (G < 1 || G > 16384 || M_total < 0 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || ld < K || ld % 8 != 0 || !a || !offsets ||
+      !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out)) {
+    return cudaErrorInvalidValue;
+  }
+  if (M_total == 0) return cudaSuccess;
+  if (choose(path, G, M_total, NMAT) == grouped_gemm_path::stream) {
+    std::int64_t const slots = M_total < G ? M_total : G;
+    dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
+    if (slots > 65535) return cudaErrorInvalidValue;
+    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+  } else {
+    constexpr bool swiglu = NMAT == 2;
+    auto const kernel = grouped_mma_kernel<swiglu, OutT>;
+    static cudaError_t const attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(mma_smem_bytes));
+    if (attr != cudaSuccess) return attr;
+    if (static_cast<std::size_t>(G + 1) * sizeof(int) > mma_smem_bytes) return cudaErrorInvalidValue;
+    int const out_per_tile = swiglu ? mma_bn / 2 : mma_bn;
+    std::int64_t const n_tiles = (N + out_per_tile - 1) / out_per_tile;
+    // sum_g ceil(n_g / BM) <= (M_total + G (BM - 1)) / BM, and at most M_total tiles
+    std::int64_t m_tiles = (M_total + static_cast<std::int64_t>(G) * (mma_bm - 1)) / mma_bm;
+    if (m_tiles > M_total) m_tiles = M_total;
+    std::int64_t const blocks = m_tiles * n_tiles;
+    if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    kernel<<<static_cast<unsigned>(blocks), threads, mma_smem_bytes, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace grouped_gemm_detail
+
+/// h[m, f] = bf16_rn(silu(x_m . Wg[f]) * (x_m . Wu[f])) for every row m < offsets[G], where group g
+/// of row m uses w_gate[g], w_up[g] (device arrays of G device pointers, each [F, K] with row
+/// stride ld). x [M_total, K], h [M_total, F], both bf16 row-major. Fused w13 ([2F, K] per
+/// expert): w_up[g] = w_gate[g] + F * ld.
+inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, std::int64_t const* offsets, int G, std::int64_t M_total,
+                                                 __nv_bfloat16 const* const* w_gate, __nv_bfloat16 const* const* w_up, std::int64_t ld,
+                                                 int K, int F, __nv_bfloat16* h, cudaStream_t stream,
+                                                 grouped_gemm_path path = grouped_gemm_path::automatic) {
+  return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path);
+}
+
+/// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row
+/// stride ld. h [M_total, F] bf16, y [M_total, N_out] bf16.
+inline cudaError_t launch_grouped_down(__nv_bfloat16 const* h, std::int64_t const* offsets, int G, std::int64_t M_total,
+                                       __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, __nv_bfloat16* y,
+                                       cudaStream_t stream, grouped_gemm_path path = grouped_gemm_path::automatic) {
+  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path);
+}
+
+/// The same with an fp32 output (fp32 layers); y [M_total, N_out] float.
+inline cudaError_t launch_grouped_down(__nv_bfloat16 const* h, std::int64_t const* offsets, int G, std::int64_t M_total,
+                                       __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, float* y, cudaStream_t stream,
+                                       grouped_gemm_path path = grouped_gemm_path::automatic) {
+  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path);
+}
+
+}  // namespace specmoe::kernels

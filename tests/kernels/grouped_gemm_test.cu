@@ -1,0 +1,401 @@
+// Grouped expert GEMMs (kernels/grouped_gemm.cuh) against the host arithmetic of detail/host/ffn.hpp.
+#include "catch.hpp"
+
+#include <specmoe/core/bfloat16.hpp>
+#include <specmoe/kernels/grouped_gemm.cuh>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace sk = specmoe::kernels;
+using specmoe::bf16;
+using dbf16 = __nv_bfloat16;
+
+#define GG_CHECK(call)                                                          \
+  do {                                                                          \
+    cudaError_t const gg_err_ = (call);                                         \
+    INFO(#call << " -> " << cudaGetErrorString(gg_err_));                       \
+    REQUIRE(gg_err_ == cudaSuccess);                                            \
+  } while (false)
+
+template <class T>
+struct dev_buf {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit dev_buf(std::size_t count) : n(count) {
+    if (cudaMalloc(&p, std::max<std::size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
+  }
+  dev_buf(dev_buf const&) = delete;
+  dev_buf& operator=(dev_buf const&) = delete;
+  ~dev_buf() { cudaFree(p); }
+};
+
+bf16 random_bf16(std::mt19937_64& rng, float scale) {
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (;;) {
+    bf16 const v(d(rng) * scale);
+    if (static_cast<float>(v) != 0.0f) return v;
+  }
+}
+
+std::vector<bf16> random_vec(std::mt19937_64& rng, std::size_t n, float scale) {
+  std::vector<bf16> v(n);
+  for (auto& e : v) e = random_bf16(rng, scale);
+  return v;
+}
+
+enum class sizes_kind { random, with_empty, one_holds_all };
+
+/// Group sizes summing to `used` (<= M_total).
+std::vector<std::int64_t> make_offsets(std::mt19937_64& rng, int G, std::int64_t used, sizes_kind kind) {
+  std::vector<std::int64_t> count(static_cast<std::size_t>(G), 0);
+  if (kind == sizes_kind::one_holds_all) {
+    count[std::uniform_int_distribution<int>(0, G - 1)(rng)] = used;
+  } else {
+    std::vector<int> allowed;
+    for (int g = 0; g < G; ++g) {
+      if (kind == sizes_kind::random || G == 1 || g % 3 != 1) allowed.push_back(g);  // with_empty: every third group empty
+    }
+    std::vector<double> w(allowed.size());
+    std::exponential_distribution<double> ex(1.0);
+    for (auto& x : w) x = ex(rng);  // uneven, like real routing
+    std::discrete_distribution<std::size_t> pick(w.begin(), w.end());
+    for (std::int64_t i = 0; i < used; ++i) ++count[static_cast<std::size_t>(allowed[pick(rng)])];
+  }
+  std::vector<std::int64_t> off(static_cast<std::size_t>(G) + 1, 0);
+  for (int g = 0; g < G; ++g) off[static_cast<std::size_t>(g) + 1] = off[static_cast<std::size_t>(g)] + count[static_cast<std::size_t>(g)];
+  return off;
+}
+
+float to_f(bf16 v) { return static_cast<float>(v); }
+
+/// Host reference, the arithmetic of detail/host/ffn.hpp: fp32 sums of products, h rounded to bf16.
+void ref_gate_up(std::vector<bf16> const& x, std::vector<std::int64_t> const& off, std::vector<bf16> const& wg,
+                 std::vector<bf16> const& wu, std::int64_t ld, std::int64_t expert_stride, int K, int F, std::vector<bf16>& h) {
+  int const G = static_cast<int>(off.size()) - 1;
+  std::vector<float> xf(static_cast<std::size_t>(K));
+  for (int g = 0; g < G; ++g) {
+    for (std::int64_t m = off[static_cast<std::size_t>(g)]; m < off[static_cast<std::size_t>(g) + 1]; ++m) {
+      for (int k = 0; k < K; ++k) xf[static_cast<std::size_t>(k)] = to_f(x[static_cast<std::size_t>(m * K + k)]);
+      for (int f = 0; f < F; ++f) {
+        bf16 const* pg = wg.data() + g * expert_stride + f * ld;
+        bf16 const* pu = wu.data() + g * expert_stride + f * ld;
+        float sg = 0.0f, su = 0.0f;
+        for (int k = 0; k < K; ++k) {
+          sg += to_f(pg[k]) * xf[static_cast<std::size_t>(k)];
+          su += to_f(pu[k]) * xf[static_cast<std::size_t>(k)];
+        }
+        h[static_cast<std::size_t>(m * F + f)] = bf16(sg / (1.0f + std::exp(-sg)) * su);
+      }
+    }
+  }
+}
+
+void ref_down(std::vector<bf16> const& h, std::vector<std::int64_t> const& off, std::vector<bf16> const& wd, std::int64_t ld,
+              std::int64_t expert_stride, int F, int N, std::vector<float>& y) {
+  int const G = static_cast<int>(off.size()) - 1;
+  std::vector<float> hf(static_cast<std::size_t>(F));
+  for (int g = 0; g < G; ++g) {
+    for (std::int64_t m = off[static_cast<std::size_t>(g)]; m < off[static_cast<std::size_t>(g) + 1]; ++m) {
+      for (int f = 0; f < F; ++f) hf[static_cast<std::size_t>(f)] = to_f(h[static_cast<std::size_t>(m * F + f)]);
+      for (int n = 0; n < N; ++n) {
+        bf16 const* pw = wd.data() + g * expert_stride + n * ld;
+        float s = 0.0f;
+        for (int f = 0; f < F; ++f) s += to_f(pw[f]) * hf[static_cast<std::size_t>(f)];
+        y[static_cast<std::size_t>(m * N + n)] = s;
+      }
+    }
+  }
+}
+
+/// |a - b| <= 1e-2 (|b| + mean |b|) over the rows < used, no NaN; rows >= used must still hold the
+/// poison pattern. Returns the number of bad elements (and reports the first).
+template <class Get>
+std::int64_t compare_rows(std::int64_t M_total, std::int64_t used, int cols, Get const& got_at, std::vector<float> const& ref,
+                          std::function<bool(std::int64_t)> const& poisoned_at, std::string const& what) {
+  double mean = 0.0;
+  for (std::int64_t i = 0; i < used * cols; ++i) mean += std::fabs(ref[static_cast<std::size_t>(i)]);
+  mean = used > 0 ? mean / static_cast<double>(used * cols) : 0.0;
+  std::int64_t bad = 0;
+  for (std::int64_t i = 0; i < used * cols; ++i) {
+    double const a = got_at(i), b = ref[static_cast<std::size_t>(i)];
+    if (!(std::fabs(a - b) <= 1e-2 * (std::fabs(b) + mean))) {
+      if (bad == 0) UNSCOPED_INFO(what << ": first mismatch at row " << i / cols << " col " << i % cols << ": got " << a << " want " << b);
+      ++bad;
+    }
+  }
+  for (std::int64_t i = used * cols; i < M_total * cols; ++i) {
+    if (!poisoned_at(i)) {
+      if (bad == 0) UNSCOPED_INFO(what << ": padding row " << i / cols << " was written");
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+struct problem {
+  int G;
+  std::int64_t M_total;
+  std::int64_t used;  // offsets[G]
+  int K, F, N;
+  sizes_kind kind;
+  bool fused_w13;  // w_up = w_gate + F * ld inside one [2F, K] block per expert; else separate, ld > K
+};
+
+std::string describe(problem const& p) {
+  return "G=" + std::to_string(p.G) + " M_total=" + std::to_string(p.M_total) + " used=" + std::to_string(p.used) + " K=" +
+         std::to_string(p.K) + " F=" + std::to_string(p.F) + " N=" + std::to_string(p.N) + " kind=" + std::to_string(static_cast<int>(p.kind)) +
+         (p.fused_w13 ? " w13" : " separate");
+}
+
+char const* path_name(sk::grouped_gemm_path p) {
+  switch (p) {
+    case sk::grouped_gemm_path::stream: return "stream";
+    case sk::grouped_gemm_path::mma: return "mma";
+    default: return "automatic";
+  }
+}
+
+/// Everything on the device for one problem, with the host reference of h.
+struct fixture {
+  problem p;
+  std::int64_t ld_up, ld_down, stride_up, stride_down;
+  std::vector<bf16> x, wgu, wu_sep, wd;
+  std::vector<std::int64_t> off;
+  std::vector<bf16> h_ref;
+  dev_buf<bf16> d_x, d_wgu, d_wu, d_wd, d_h;
+  dev_buf<float> d_yf;
+  dev_buf<bf16> d_y;
+  dev_buf<std::int64_t> d_off;
+  dev_buf<dbf16 const*> d_pg, d_pu, d_pd;
+
+  static std::int64_t pad(int k, bool fused) { return fused ? k : k + 24; }
+
+  fixture(problem const& pr, std::mt19937_64& rng)
+      : p(pr),
+        ld_up(pad(pr.K, pr.fused_w13)),
+        ld_down(pad(pr.F, pr.fused_w13)),
+        stride_up((pr.fused_w13 ? 2 : 1) * static_cast<std::int64_t>(pr.F) * ld_up),
+        stride_down(static_cast<std::int64_t>(pr.N) * ld_down),
+        d_x(static_cast<std::size_t>(pr.M_total * pr.K)),
+        d_wgu(static_cast<std::size_t>(pr.G * stride_up)),
+        d_wu(pr.fused_w13 ? 1 : static_cast<std::size_t>(pr.G * stride_up)),
+        d_wd(static_cast<std::size_t>(pr.G * stride_down)),
+        d_h(static_cast<std::size_t>(pr.M_total * pr.F)),
+        d_yf(static_cast<std::size_t>(pr.M_total * pr.N)),
+        d_y(static_cast<std::size_t>(pr.M_total * pr.N)),
+        d_off(static_cast<std::size_t>(pr.G) + 1),
+        d_pg(static_cast<std::size_t>(pr.G)),
+        d_pu(static_cast<std::size_t>(pr.G)),
+        d_pd(static_cast<std::size_t>(pr.G)) {
+    REQUIRE(d_x.p);
+    REQUIRE(d_wgu.p);
+    REQUIRE(d_wu.p);
+    REQUIRE(d_wd.p);
+    REQUIRE(d_h.p);
+    REQUIRE(d_yf.p);
+    REQUIRE(d_y.p);
+    REQUIRE(d_off.p);
+    REQUIRE(d_pg.p);
+    REQUIRE(d_pu.p);
+    REQUIRE(d_pd.p);
+    x = random_vec(rng, d_x.n, 1.0f);
+    wgu = random_vec(rng, d_wgu.n, 2.0f / std::sqrt(static_cast<float>(p.K)));
+    if (!p.fused_w13) wu_sep = random_vec(rng, d_wu.n, 2.0f / std::sqrt(static_cast<float>(p.K)));
+    wd = random_vec(rng, d_wd.n, 2.0f / std::sqrt(static_cast<float>(p.F)));
+    off = make_offsets(rng, p.G, p.used, p.kind);
+    GG_CHECK(cudaMemcpy(d_x.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemcpy(d_wgu.p, wgu.data(), wgu.size() * 2, cudaMemcpyHostToDevice));
+    if (!p.fused_w13) GG_CHECK(cudaMemcpy(d_wu.p, wu_sep.data(), wu_sep.size() * 2, cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemcpy(d_wd.p, wd.data(), wd.size() * 2, cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemcpy(d_off.p, off.data(), off.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+    // groups point at their slots in reverse order: the kernels must follow the pointers
+    std::vector<dbf16 const*> pg(static_cast<std::size_t>(p.G)), pu(pg.size()), pd(pg.size());
+    auto const* gu = reinterpret_cast<dbf16 const*>(d_wgu.p);
+    auto const* us = reinterpret_cast<dbf16 const*>(d_wu.p);
+    auto const* dd = reinterpret_cast<dbf16 const*>(d_wd.p);
+    for (int g = 0; g < p.G; ++g) {
+      int const slot = p.G - 1 - g;
+      pg[static_cast<std::size_t>(g)] = gu + slot * stride_up;
+      pu[static_cast<std::size_t>(g)] = p.fused_w13 ? gu + slot * stride_up + static_cast<std::int64_t>(p.F) * ld_up : us + slot * stride_up;
+      pd[static_cast<std::size_t>(g)] = dd + slot * stride_down;
+    }
+    GG_CHECK(cudaMemcpy(d_pg.p, pg.data(), pg.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemcpy(d_pu.p, pu.data(), pu.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemcpy(d_pd.p, pd.data(), pd.size() * sizeof(void*), cudaMemcpyHostToDevice));
+
+    // host reference of h, on the weights as the groups see them (reversed slots)
+    std::vector<bf16> wg_g(static_cast<std::size_t>(p.G * stride_up)), wu_g(wg_g.size());
+    for (int g = 0; g < p.G; ++g) {
+      auto const slot = static_cast<std::size_t>(p.G - 1 - g);
+      auto const dst = static_cast<std::size_t>(g) * static_cast<std::size_t>(stride_up);
+      std::copy_n(wgu.begin() + static_cast<std::ptrdiff_t>(slot * stride_up), stride_up, wg_g.begin() + static_cast<std::ptrdiff_t>(dst));
+      if (p.fused_w13) {
+        std::copy_n(wgu.begin() + static_cast<std::ptrdiff_t>(slot * stride_up + p.F * ld_up), p.F * ld_up,
+                    wu_g.begin() + static_cast<std::ptrdiff_t>(dst));
+      } else {
+        std::copy_n(wu_sep.begin() + static_cast<std::ptrdiff_t>(slot * stride_up), stride_up, wu_g.begin() + static_cast<std::ptrdiff_t>(dst));
+      }
+    }
+    h_ref.assign(static_cast<std::size_t>(p.M_total * p.F), bf16::from_bits(0xFFFF));
+    ref_gate_up(x, off, wg_g, wu_g, ld_up, stride_up, p.K, p.F, h_ref);
+  }
+
+  std::vector<bf16> down_weights_by_group() const {
+    std::vector<bf16> w(wd.size());
+    for (int g = 0; g < p.G; ++g) {
+      auto const slot = static_cast<std::size_t>(p.G - 1 - g);
+      std::copy_n(wd.begin() + static_cast<std::ptrdiff_t>(slot * stride_down), stride_down,
+                  w.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(g) * stride_down));
+    }
+    return w;
+  }
+
+  cudaError_t gate_up(sk::grouped_gemm_path path, cudaStream_t s) {
+    return sk::launch_grouped_gate_up_swiglu(reinterpret_cast<dbf16 const*>(d_x.p), d_off.p, p.G, p.M_total, d_pg.p, d_pu.p, ld_up, p.K, p.F,
+                                             reinterpret_cast<dbf16*>(d_h.p), s, path);
+  }
+  cudaError_t down(sk::grouped_gemm_path path, cudaStream_t s) {
+    return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N,
+                                   reinterpret_cast<dbf16*>(d_y.p), s, path);
+  }
+  cudaError_t down_f32(sk::grouped_gemm_path path, cudaStream_t s) {
+    return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, path);
+  }
+  void poison() {
+    GG_CHECK(cudaMemset(d_h.p, 0xFF, d_h.n * 2));
+    GG_CHECK(cudaMemset(d_y.p, 0xFF, d_y.n * 2));
+    GG_CHECK(cudaMemset(d_yf.p, 0xFF, d_yf.n * 4));
+  }
+
+  /// Checks h, y (bf16) and y (fp32) on the device against the host; y's reference is computed
+  /// from the device's h, so the down GEMM is checked on its own input.
+  void check(std::string const& what) {
+    std::vector<bf16> h(d_h.n), y(d_y.n);
+    std::vector<float> yf(d_yf.n);
+    GG_CHECK(cudaMemcpy(h.data(), d_h.p, h.size() * 2, cudaMemcpyDeviceToHost));
+    GG_CHECK(cudaMemcpy(y.data(), d_y.p, y.size() * 2, cudaMemcpyDeviceToHost));
+    GG_CHECK(cudaMemcpy(yf.data(), d_yf.p, yf.size() * 4, cudaMemcpyDeviceToHost));
+    std::int64_t const used = off.back();
+    std::vector<float> href(h_ref.size());
+    for (std::size_t i = 0; i < href.size(); ++i) href[i] = to_f(h_ref[i]);
+    auto const bad_h = compare_rows(
+        p.M_total, used, p.F, [&](std::int64_t i) { return static_cast<double>(to_f(h[static_cast<std::size_t>(i)])); }, href,
+        [&](std::int64_t i) { return h[static_cast<std::size_t>(i)].bits == 0xFFFF; }, what + " h");
+    CHECK(bad_h == 0);
+    std::vector<float> yref(static_cast<std::size_t>(p.M_total * p.N), 0.0f);
+    ref_down(h, off, down_weights_by_group(), ld_down, stride_down, p.F, p.N, yref);
+    auto const bad_y = compare_rows(
+        p.M_total, used, p.N, [&](std::int64_t i) { return static_cast<double>(to_f(y[static_cast<std::size_t>(i)])); }, yref,
+        [&](std::int64_t i) { return y[static_cast<std::size_t>(i)].bits == 0xFFFF; }, what + " y");
+    CHECK(bad_y == 0);
+    auto const bad_yf = compare_rows(
+        p.M_total, used, p.N, [&](std::int64_t i) { return static_cast<double>(yf[static_cast<std::size_t>(i)]); }, yref,
+        [&](std::int64_t i) {
+          std::uint32_t b;
+          std::memcpy(&b, &yf[static_cast<std::size_t>(i)], 4);
+          return b == 0xFFFFFFFFu;
+        },
+        what + " y fp32");
+    CHECK(bad_yf == 0);
+  }
+};
+
+std::vector<problem> problems() {
+  return {
+      {1, 1, 1, 64, 64, 64, sizes_kind::random, true},
+      {1, 16384, 16384, 128, 128, 128, sizes_kind::random, true},
+      {8, 3, 2, 256, 192, 128, sizes_kind::random, false},
+      {8, 37, 37, 200, 136, 72, sizes_kind::with_empty, false},
+      {8, 600, 512, 520, 264, 136, sizes_kind::one_holds_all, true},
+      {8, 1000, 1000, 256, 128, 256, sizes_kind::random, true},
+      {32, 77, 70, 128, 256, 128, sizes_kind::with_empty, true},
+      {32, 4096, 4000, 192, 128, 64, sizes_kind::with_empty, false},
+      {128, 128, 100, 128, 96, 64, sizes_kind::random, true},
+      {128, 1024, 1024, 64, 64, 64, sizes_kind::with_empty, true},
+      {128, 16384, 16000, 64, 64, 128, sizes_kind::random, false},
+      {128, 2000, 2000, 128, 128, 128, sizes_kind::one_holds_all, true},
+  };
+}
+
+}  // namespace
+
+TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on both paths") {
+  int dev_count = 0;
+  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) SPECMOE_SKIP("no CUDA device");
+  std::mt19937_64 rng(20261123);
+  for (auto const& pr : problems()) {
+    fixture fx(pr, rng);
+    for (auto const path : {sk::grouped_gemm_path::automatic, sk::grouped_gemm_path::stream, sk::grouped_gemm_path::mma}) {
+      std::string const what = describe(pr) + " path=" + path_name(path);
+      INFO(what);
+      fx.poison();
+      GG_CHECK(fx.gate_up(path, nullptr));
+      GG_CHECK(fx.down(path, nullptr));
+      GG_CHECK(fx.down_f32(path, nullptr));
+      GG_CHECK(cudaDeviceSynchronize());
+      fx.check(what);
+    }
+  }
+}
+
+TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result") {
+  int dev_count = 0;
+  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) SPECMOE_SKIP("no CUDA device");
+  std::mt19937_64 rng(7);
+  for (auto const& pr : {problem{32, 300, 290, 256, 128, 128, sizes_kind::with_empty, true},
+                         problem{8, 4, 4, 256, 128, 128, sizes_kind::random, true}}) {
+    fixture fx(pr, rng);
+    INFO(describe(pr));
+    cudaStream_t s = nullptr;
+    GG_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    fx.poison();
+    cudaGraph_t graph = nullptr;
+    GG_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    GG_CHECK(fx.gate_up(sk::grouped_gemm_path::automatic, s));
+    GG_CHECK(fx.down(sk::grouped_gemm_path::automatic, s));
+    GG_CHECK(fx.down_f32(sk::grouped_gemm_path::automatic, s));
+    GG_CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec = nullptr;
+    GG_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    GG_CHECK(cudaGraphLaunch(exec, s));
+    GG_CHECK(cudaStreamSynchronize(s));
+    fx.check(describe(pr) + " graph");
+    // a second replay over re-poisoned outputs gives the same bits
+    std::vector<bf16> y1(fx.d_y.n), y2(fx.d_y.n);
+    GG_CHECK(cudaMemcpy(y1.data(), fx.d_y.p, y1.size() * 2, cudaMemcpyDeviceToHost));
+    fx.poison();
+    GG_CHECK(cudaGraphLaunch(exec, s));
+    GG_CHECK(cudaStreamSynchronize(s));
+    GG_CHECK(cudaMemcpy(y2.data(), fx.d_y.p, y2.size() * 2, cudaMemcpyDeviceToHost));
+    CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * 2) == 0);
+    GG_CHECK(cudaGraphExecDestroy(exec));
+    GG_CHECK(cudaGraphDestroy(graph));
+    GG_CHECK(cudaStreamDestroy(s));
+  }
+}
+
+TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
+  int dev_count = 0;
+  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) SPECMOE_SKIP("no CUDA device");
+  std::mt19937_64 rng(3);
+  fixture fx(problem{8, 16, 16, 64, 64, 64, sizes_kind::random, true}, rng);
+  auto const* x = reinterpret_cast<dbf16 const*>(fx.d_x.p);
+  auto* h = reinterpret_cast<dbf16*>(fx.d_h.p);
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 60, 64, h, nullptr) == cudaErrorInvalidValue);
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 0, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr) == cudaErrorInvalidValue);
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 32, 64, 64, h, nullptr) == cudaErrorInvalidValue);
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 0, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr) == cudaSuccess);
+  GG_CHECK(cudaGetLastError());
+  CHECK(sk::grouped_gemm_workspace_bytes(8, 16) == 0);
+}
