@@ -8,8 +8,9 @@
 //           dsv3 (7168, 2048, 256, top-8), dsv3_slice32 (the 32 local experts of one rank of 8;
 //           the rows are the slots of the random top-8 routing over 256 that land on them)
 //   kernel: gate_up (w13 fused [2F, H] per expert; + SwiGLU for ours) | down ([H, F] per expert)
-//   impl:   ours (automatic path) | stream / mma (forced path) | cublas (one cublasGemmEx per
-//           non-empty expert with host-known counts; gate_up without the SwiGLU)
+//   impl:   ours (automatic path, with the tensor maps) | stream / mma / wgmma (forced path) |
+//           cublas (one cublasGemmEx per non-empty expert with host-known counts; gate_up without
+//           the SwiGLU)
 // Counters: TFLOPs, weight_GBps (bytes of the activated experts' weights / time), floor_ratio =
 //   time / max(bytes / measured HBM BW, flops / measured cuBLAS GEMM rate) where bytes = activated
 //   weights + activations in + out; vs_cublas = time / the cublas row's time (same run).
@@ -98,6 +99,7 @@ struct weights {
   bf16 const** pu = nullptr;
   bf16 const** pd = nullptr;
   std::vector<bf16 const*> hg, hd;
+  sk::grouped_weight_maps maps_up, maps_down;  // all E experts; a launch uses the first G
   weights(int H_, int F_, int E_) : H(H_), F(F_), E(E_) {
     std::size_t const n13 = static_cast<std::size_t>(E) * 2 * F * H, nd = static_cast<std::size_t>(E) * H * F;
     CK(cudaMalloc(&w13, n13 * 2));
@@ -118,6 +120,10 @@ struct weights {
     CK(cudaMemcpy(pg, hg.data(), E * sizeof(void*), cudaMemcpyHostToDevice));
     CK(cudaMemcpy(pu, hu.data(), E * sizeof(void*), cudaMemcpyHostToDevice));
     CK(cudaMemcpy(pd, hd.data(), E * sizeof(void*), cudaMemcpyHostToDevice));
+    maps_up = sk::grouped_weight_maps(hg.data(), hu.data(), E, F, H, H);
+    maps_down = sk::grouped_weight_maps(hd.data(), E, H, F, F);
+    CK(maps_up.status());
+    CK(maps_down.status());
   }
 };
 
@@ -196,12 +202,13 @@ void cublas_rowmajor(bf16 const* A, bf16 const* W, bf16* C, int m, int n, int k)
                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-enum class impl { ours, stream, mma, cublas };
+enum class impl { ours, stream, mma, wgmma, cublas };
 char const* impl_name(impl i) {
   switch (i) {
     case impl::ours: return "ours";
     case impl::stream: return "stream";
     case impl::mma: return "mma";
+    case impl::wgmma: return "wgmma";
     default: return "cublas";
   }
 }
@@ -210,8 +217,9 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
   weights& w = model_weights(s);
   case_data& c = get_case(s, tokens);
   auto const path = which == impl::stream ? sk::grouped_gemm_path::stream
-                    : which == impl::mma  ? sk::grouped_gemm_path::mma
-                                          : sk::grouped_gemm_path::automatic;
+                    : which == impl::mma    ? sk::grouped_gemm_path::mma
+                    : which == impl::wgmma  ? sk::grouped_gemm_path::wgmma
+                                            : sk::grouped_gemm_path::automatic;
   auto launch = [&] {
     if (which == impl::cublas) {
       for (int g = 0; g < s.G; ++g) {
@@ -225,9 +233,9 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
         }
       }
     } else if (gate_up) {
-      CK(sk::launch_grouped_gate_up_swiglu(c.x, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream, path));
+      CK(sk::launch_grouped_gate_up_swiglu(c.x, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream, path, &w.maps_up));
     } else {
-      CK(sk::launch_grouped_down(c.h, c.d_off, s.G, c.M, w.pd, s.F, s.F, s.H, c.y, g_stream, path));
+      CK(sk::launch_grouped_down(c.h, c.d_off, s.G, c.M, w.pd, s.F, s.F, s.H, c.y, g_stream, path, &w.maps_down));
     }
   };
   launch();  // warm-up
@@ -330,7 +338,7 @@ int main(int argc, char** argv) {
   for (auto const& s : shapes) {
     for (int tokens : token_counts) {
       for (bool gate_up : {true, false}) {
-        for (impl which : {impl::cublas, impl::ours, impl::stream, impl::mma}) {
+        for (impl which : {impl::cublas, impl::ours, impl::stream, impl::mma, impl::wgmma}) {
           // the forced stream path re-reads weights per 8 rows: only where groups are small
           double const rows_per_group = static_cast<double>(tokens) * s.top_k / s.E;
           if (which == impl::stream && rows_per_group > 64) continue;

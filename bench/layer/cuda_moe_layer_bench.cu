@@ -3,16 +3,22 @@
 //
 //   specmoe_layer_cuda_moe_layer_bench --benchmark_out=layer.json --benchmark_out_format=json
 //
-// Args: tokens. Weights are random (hash-filled on the device), routing is the layer's own gate.
+// Args: tokens. Weights are random (hash-filled on the device), routing is the layer's own gate;
+// deepseek_v3_slice32 is one rank of an 8-way expert-parallel DeepSeek-V3: its 32 local experts
+// get the slots of a random top-8 over 256 that land on them (engine routing, -1 elsewhere).
+// Each timed replay starts with a cold L2 (a 256 MiB overwrite between replays, not timed).
 // Counters: floor_us, x_floor (time / floor), experts_hit, TFLOPs, weight_GBps.
 #include <specmoe/layer/cuda_moe_layer.cuh>
 
-#include <benchmark/benchmark.h>
-#include <cublas_v2.h>
+#include "gpu_bench_support.cuh"
 
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -20,88 +26,7 @@ namespace {
 
 using namespace specmoe;
 
-#define BENCH_CUDA(call)                                                                          \
-  do {                                                                                            \
-    cudaError_t const e_ = (call);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
-
-__global__ void fill_kernel(__nv_bfloat16* p, std::size_t n, std::uint64_t seed, float scale) {
-  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    std::uint64_t z = (i + 1) * 0x9e3779b97f4a7c15ull ^ seed;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    float const u = static_cast<float>(z >> 40) / static_cast<float>(1ull << 24) * 2.0f - 1.0f;
-    p[i] = __float2bfloat16(u * scale);
-  }
-}
-
-__nv_bfloat16* random_device(std::size_t n, std::uint64_t seed, float scale) {
-  __nv_bfloat16* p = nullptr;
-  BENCH_CUDA(cudaMalloc(&p, n * sizeof(__nv_bfloat16)));
-  fill_kernel<<<1024, 256>>>(p, n, seed, scale);
-  BENCH_CUDA(cudaGetLastError());
-  return p;
-}
-
-struct ceilings {
-  double hbm_bytes_per_s = 0;   // device-to-device copy: read + write bytes per second
-  double gemm_flops_per_s = 0;  // one large bf16 cublasGemmEx
-};
-
-ceilings const& measured() {
-  static ceilings const c = [] {
-    ceilings r;
-    std::size_t const bytes = std::size_t{1} << 30;
-    void *a = nullptr, *b = nullptr;
-    BENCH_CUDA(cudaMalloc(&a, bytes));
-    BENCH_CUDA(cudaMalloc(&b, bytes));
-    cudaEvent_t e0, e1;
-    BENCH_CUDA(cudaEventCreate(&e0));
-    BENCH_CUDA(cudaEventCreate(&e1));
-    BENCH_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-    BENCH_CUDA(cudaEventRecord(e0));
-    for (int i = 0; i < 10; ++i) BENCH_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    BENCH_CUDA(cudaEventRecord(e1));
-    BENCH_CUDA(cudaEventSynchronize(e1));
-    float ms = 0;
-    BENCH_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    r.hbm_bytes_per_s = 2.0 * 10 * static_cast<double>(bytes) / (ms * 1e-3);
-    cudaFree(a);
-    cudaFree(b);
-    int const n = 8192;
-    auto* x = random_device(std::size_t{1} * n * n, 1, 1.0f);
-    auto* y = random_device(std::size_t{1} * n * n, 2, 1.0f);
-    auto* z = random_device(std::size_t{1} * n * n, 3, 1.0f);
-    cublasHandle_t h;
-    cublasCreate(&h);
-    float const one = 1.0f, zero = 0.0f;
-    auto gemm = [&] {
-      cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, x, CUDA_R_16BF, n, y, CUDA_R_16BF, n, &zero, z,
-                   CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    };
-    gemm();
-    BENCH_CUDA(cudaEventRecord(e0));
-    for (int i = 0; i < 10; ++i) gemm();
-    BENCH_CUDA(cudaEventRecord(e1));
-    BENCH_CUDA(cudaEventSynchronize(e1));
-    BENCH_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    r.gemm_flops_per_s = 10 * 2.0 * n * static_cast<double>(n) * n / (ms * 1e-3);
-    cublasDestroy(h);
-    cudaFree(x);
-    cudaFree(y);
-    cudaFree(z);
-    std::fprintf(stderr, "ceilings: HBM copy %.3f TB/s, bf16 GEMM %.1f TFLOP/s\n", r.hbm_bytes_per_s / 1e12,
-                 r.gemm_flops_per_s / 1e12);
-    return r;
-  }();
-  return c;
-}
+using specmoe_bench::random_device_bf16;
 
 // Device weights of one model shape, made once per process (DeepSeek-V3's are 22.5 GB).
 struct model {
@@ -113,7 +38,7 @@ struct model {
   explicit model(moe_config c) : cfg(c) {
     auto const E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size;
     auto make = [&](std::size_t n, float scale) {
-      buffers.push_back(random_device(n, buffers.size() + 11, scale));
+      buffers.push_back(random_device_bf16(n, buffers.size() + 11, scale));
       return reinterpret_cast<bf16 const*>(buffers.back());
     };
     float const in_h = 2.0f / std::sqrt(static_cast<float>(H)), in_f = 2.0f / std::sqrt(static_cast<float>(F));
@@ -134,12 +59,44 @@ struct model {
       auto const* sd = make(std::size_t(S) * H * SF, 2.0f / std::sqrt(float(SF)));
       weights.shared = ffn_weights<bf16>::dense(sg, su, sd, S, H, SF);
     }
-    BENCH_CUDA(cudaDeviceSynchronize());
+    SPECMOE_BENCH_CUDA(cudaDeviceSynchronize());
   }
   ~model() {
     for (auto* p : buffers) cudaFree(p);
   }
 };
+
+/// The 32 local experts of one rank of 8 (routed experts only: the shared expert is benched
+/// with the whole model).
+moe_config slice32_config() {
+  auto c = models::deepseek_v3();
+  c.num_experts = 32;
+  c.gate.num_groups = 1;
+  c.gate.topk_groups = 1;
+  c.gate.has_score_bias = false;
+  c.num_shared_experts = 0;
+  c.shared_ffn_size = 0;
+  return c;
+}
+
+/// Random top-8 over 256 experts per token; the slots on experts 0..31 stay, the rest are -1.
+void slice32_routing(std::int64_t n, std::int32_t* d_ids, float* d_w) {
+  std::mt19937_64 rng(static_cast<std::uint64_t>(n) * 7 + 1);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(n) * 8);
+  std::vector<float> w(ids.size());
+  std::vector<int> all(256);
+  for (int e = 0; e < 256; ++e) all[static_cast<std::size_t>(e)] = e;
+  for (std::int64_t t = 0; t < n; ++t) {
+    for (int j = 0; j < 8; ++j) {
+      std::swap(all[static_cast<std::size_t>(j)], all[static_cast<std::size_t>(j + static_cast<int>(rng() % (256 - j)))]);
+      auto const i = static_cast<std::size_t>(t * 8 + j);
+      ids[i] = all[static_cast<std::size_t>(j)] < 32 ? all[static_cast<std::size_t>(j)] : -1;
+      w[i] = 0.05f + 0.2f * static_cast<float>(rng() % 1000) / 1000.0f;
+    }
+  }
+  SPECMOE_BENCH_CUDA(cudaMemcpy(d_ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+  SPECMOE_BENCH_CUDA(cudaMemcpy(d_w, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
+}
 
 model& get_model(int which) {
   static std::unique_ptr<model> current;
@@ -148,7 +105,8 @@ model& get_model(int which) {
     current.reset();
     current = std::make_unique<model>(which == 0   ? models::mixtral_8x7b()
                                       : which == 1 ? models::qwen3_30b_a3b()
-                                                   : models::deepseek_v3());
+                                      : which == 2 ? models::deepseek_v3()
+                                                   : slice32_config());
     current_id = which;
   }
   return *current;
@@ -159,60 +117,51 @@ void layer_bench(benchmark::State& state, int which) {
   auto const& cfg = m.cfg;
   auto const n = state.range(0);
   auto const H = cfg.hidden_size, k = cfg.top_k;
-  auto* x = random_device(static_cast<std::size_t>(n) * H, 99, 1.0f);
+  auto* x = random_device_bf16(static_cast<std::size_t>(n) * H, 99, 1.0f);
   __nv_bfloat16* out = nullptr;
   std::int32_t* ids = nullptr;
   float* w = nullptr;
-  BENCH_CUDA(cudaMalloc(&out, static_cast<std::size_t>(n) * H * 2));
-  BENCH_CUDA(cudaMalloc(&ids, static_cast<std::size_t>(n) * k * 4));
-  BENCH_CUDA(cudaMalloc(&w, static_cast<std::size_t>(n) * k * 4));
+  SPECMOE_BENCH_CUDA(cudaMalloc(&out, static_cast<std::size_t>(n) * H * 2));
+  SPECMOE_BENCH_CUDA(cudaMalloc(&ids, static_cast<std::size_t>(n) * k * 4));
+  SPECMOE_BENCH_CUDA(cudaMalloc(&w, static_cast<std::size_t>(n) * k * 4));
   {
     moe_layer<cuda_space> layer(cfg, m.weights, {}, {.max_tokens = n});
     cuda_batch batch{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(x), n, H)};
+    bool const engine_routing = which == 3;
+    if (engine_routing) {
+      slice32_routing(n, ids, w);
+      batch.routing = routing_view{std::span<std::int32_t const>(ids, static_cast<std::size_t>(n) * k),
+                                   std::span<float const>(w, static_cast<std::size_t>(n) * k), n, k};
+    }
     matrix_view<bf16> o(reinterpret_cast<bf16*>(out), n, H);
     cudaStream_t stream;
-    BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    layer.forward(batch, o, stream, {ids, w});  // warm-up, checked, and the routing for the floor
+    SPECMOE_BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // warm-up, checked, and the routing for the floor
+    layer.forward(batch, o, stream, engine_routing ? cuda_routing_output{} : cuda_routing_output{ids, w});
     std::vector<std::int32_t> h_ids(static_cast<std::size_t>(n) * k);
-    BENCH_CUDA(cudaMemcpy(h_ids.data(), ids, h_ids.size() * 4, cudaMemcpyDeviceToHost));
+    SPECMOE_BENCH_CUDA(cudaMemcpy(h_ids.data(), ids, h_ids.size() * 4, cudaMemcpyDeviceToHost));
     std::set<int> hit(h_ids.begin(), h_ids.end());
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    BENCH_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    layer.forward_async(batch, o, stream);
-    BENCH_CUDA(cudaStreamEndCapture(stream, &graph));
-    BENCH_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t e0, e1;
-    BENCH_CUDA(cudaEventCreate(&e0));
-    BENCH_CUDA(cudaEventCreate(&e1));
-    for (auto _ : state) {
-      BENCH_CUDA(cudaEventRecord(e0, stream));
-      BENCH_CUDA(cudaGraphLaunch(exec, stream));
-      BENCH_CUDA(cudaEventRecord(e1, stream));
-      BENCH_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      BENCH_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      state.SetIterationTime(ms * 1e-3);
-    }
+    hit.erase(-1);
+    std::int64_t const rows = std::count_if(h_ids.begin(), h_ids.end(), [](std::int32_t e) { return e >= 0; });
+    auto exec = specmoe_bench::capture(stream, [&](cudaStream_t s) { layer.forward_async(batch, o, s); });
+    for (auto _ : state) state.SetIterationTime(specmoe_bench::time_graph_us(exec, stream, true) * 1e-6);
     layer.check(stream);
     // Floor: the activated experts' weights (plus shared and router) once, or the FLOPs at the GEMM rate.
     auto const F = static_cast<double>(cfg.ffn_size), SF = static_cast<double>(cfg.shared_ffn_size);
     double const bytes = 2.0 * (static_cast<double>(hit.size()) * 3 * H * F + cfg.num_shared_experts * 3.0 * H * SF +
                                 static_cast<double>(cfg.num_experts) * H + 2.0 * static_cast<double>(n) * H);
-    double const flops = 2.0 * static_cast<double>(n) * (k * 3.0 * H * F + cfg.num_shared_experts * 3.0 * H * SF +
-                                                         static_cast<double>(cfg.num_experts) * H);
-    auto const& c = measured();
-    double const floor_s = std::max(bytes / c.hbm_bytes_per_s, flops / c.gemm_flops_per_s);
+    double const router_flops = engine_routing ? 0.0 : 2.0 * static_cast<double>(n) * cfg.num_experts * H;
+    double const flops = 2.0 * static_cast<double>(rows) * 3.0 * H * F +
+                         2.0 * static_cast<double>(n) * cfg.num_shared_experts * 3.0 * H * SF + router_flops;
+    double const floor_s = specmoe_bench::floor_seconds(bytes, flops);
     state.counters["floor_us"] = floor_s * 1e6;
     state.counters["x_floor"] = benchmark::Counter(floor_s, benchmark::Counter::kIsIterationInvariantRate |
                                                                 benchmark::Counter::kInvert);
     state.counters["experts_hit"] = static_cast<double>(hit.size());
     state.counters["TFLOPs"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
     state.counters["weight_GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+    state.counters["rows"] = static_cast<double>(rows);
     cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
     cudaStreamDestroy(stream);
   }
   cudaFree(x);
@@ -224,9 +173,11 @@ void layer_bench(benchmark::State& state, int which) {
 void mixtral(benchmark::State& s) { layer_bench(s, 0); }
 void qwen3_30b_a3b(benchmark::State& s) { layer_bench(s, 1); }
 void deepseek_v3(benchmark::State& s) { layer_bench(s, 2); }
+void deepseek_v3_slice32(benchmark::State& s) { layer_bench(s, 3); }
 
 }  // namespace
 
 BENCHMARK(mixtral)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(qwen3_30b_a3b)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(deepseek_v3)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(deepseek_v3_slice32)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);

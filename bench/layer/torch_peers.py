@@ -3,11 +3,14 @@
 
 - torch_grouped_mm: router, top-k, stable sort by expert, two torch._grouped_mm GEMMs (gate/up
   fused, then down), SwiGLU, weighted index_add back to token order; no host synchronisation.
+  Timed eager and replayed from a CUDA graph (torch_grouped_mm_graph).
+Every timed run starts with a cold L2 (a 256 MiB overwrite before it, not timed), as in the C++ bench.
 - transformers: the library's own sparse MoE block for the model, where it imports and fits.
 
 Shapes and token counts match bench/layer/cuda_moe_layer_bench.cu. Weights are random bf16.
 """
 import json
+import os
 import sys
 import time
 
@@ -82,17 +85,50 @@ def params(m, dev):
     return p
 
 
+_FLUSH = None
+
+
+def _flush_l2():
+    """Overwrites 256 MiB so the next launch starts with a cold L2, as the C++ layer bench does."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    _FLUSH.fill_(1)
+
+
 def time_us(fn, iters=20):
+    """Mean microseconds of fn() over iters runs, each after an L2 flush (not timed)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    total = 0.0
     for _ in range(iters):
+        _flush_l2()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
+        end.record()
+        end.synchronize()
+        total += start.elapsed_time(end)
+    return total * 1000 / iters
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (replay callable), or None where it cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+    except Exception as e:  # noqa: BLE001 - report and fall back to eager
+        print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        return None
 
 
 def transformers_block(name, m, dev):
@@ -129,10 +165,17 @@ def main():
             x = ((torch.rand(n, m["hidden"], device=dev) * 2 - 1)).to(torch.bfloat16)
             with torch.no_grad():
                 us = time_us(lambda: grouped_layer(x, p, m))
+                replay = graphed(lambda: grouped_layer(x, p, m))
+                us_graph = time_us(replay) if replay else None
             rows.append(dict(model=name, tokens=n, impl="torch_grouped_mm", us=us))
-            print(f"{name:14s} {n:5d} torch_grouped_mm {us:10.1f} us", flush=True)
+            rows.append(dict(model=name, tokens=n, impl="torch_grouped_mm_graph", us=us_graph))
+            print(f"{name:14s} {n:5d} torch_grouped_mm {us:10.1f} us   graph {us_graph or float('nan'):10.1f} us", flush=True)
+            del replay
+            torch.cuda.empty_cache()
         del p
         torch.cuda.empty_cache()
+        if os.environ.get("SPECMOE_PEERS_SKIP_TRANSFORMERS"):
+            continue
         block, why = transformers_block(name, m, dev)
         for n in TOKENS:
             if block is None:

@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -118,29 +117,38 @@ void ref_down(std::vector<bf16> const& h, std::vector<std::int64_t> const& off, 
   }
 }
 
+/// How many elements disagree, and a description of the first one.
+struct mismatch_report {
+  std::int64_t bad = 0;
+  std::string first;
+};
+
 /// |a - b| <= 1e-2 (|b| + mean |b|) over the rows < used, no NaN; rows >= used must still hold the
-/// poison pattern. Returns the number of bad elements (and reports the first).
-template <class Get>
-std::int64_t compare_rows(std::int64_t M_total, std::int64_t used, int cols, Get const& got_at, std::vector<float> const& ref,
-                          std::function<bool(std::int64_t)> const& poisoned_at, std::string const& what) {
+/// poison pattern.
+template <class Get, class Poisoned>
+mismatch_report compare_rows(std::int64_t M_total, std::int64_t used, int cols, Get const& got_at, std::vector<float> const& ref,
+                             Poisoned const& poisoned_at, std::string const& what) {
   double mean = 0.0;
   for (std::int64_t i = 0; i < used * cols; ++i) mean += std::fabs(ref[static_cast<std::size_t>(i)]);
   mean = used > 0 ? mean / static_cast<double>(used * cols) : 0.0;
-  std::int64_t bad = 0;
+  mismatch_report r;
   for (std::int64_t i = 0; i < used * cols; ++i) {
     double const a = got_at(i), b = ref[static_cast<std::size_t>(i)];
     if (!(std::fabs(a - b) <= 1e-2 * (std::fabs(b) + mean))) {
-      if (bad == 0) UNSCOPED_INFO(what << ": first mismatch at row " << i / cols << " col " << i % cols << ": got " << a << " want " << b);
-      ++bad;
+      if (r.bad == 0) {
+        r.first = what + ": first mismatch at row " + std::to_string(i / cols) + " col " + std::to_string(i % cols) + ": got " +
+                  std::to_string(a) + " want " + std::to_string(b);
+      }
+      ++r.bad;
     }
   }
   for (std::int64_t i = used * cols; i < M_total * cols; ++i) {
     if (!poisoned_at(i)) {
-      if (bad == 0) UNSCOPED_INFO(what << ": padding row " << i / cols << " was written");
-      ++bad;
+      if (r.bad == 0) r.first = what + ": padding row " + std::to_string(i / cols) + " was written";
+      ++r.bad;
     }
   }
-  return bad;
+  return r;
 }
 
 struct problem {
@@ -162,6 +170,7 @@ char const* path_name(sk::grouped_gemm_path p) {
   switch (p) {
     case sk::grouped_gemm_path::stream: return "stream";
     case sk::grouped_gemm_path::mma: return "mma";
+    case sk::grouped_gemm_path::wgmma: return "wgmma";
     default: return "automatic";
   }
 }
@@ -178,6 +187,7 @@ struct fixture {
   dev_buf<bf16> d_y;
   dev_buf<std::int64_t> d_off;
   dev_buf<dbf16 const*> d_pg, d_pu, d_pd;
+  sk::grouped_weight_maps maps_up, maps_down;  // the same pointers as tensor maps (wgmma path)
 
   static std::int64_t pad(int k, bool fused) { return fused ? k : k + 24; }
 
@@ -233,6 +243,10 @@ struct fixture {
     GG_CHECK(cudaMemcpy(d_pg.p, pg.data(), pg.size() * sizeof(void*), cudaMemcpyHostToDevice));
     GG_CHECK(cudaMemcpy(d_pu.p, pu.data(), pu.size() * sizeof(void*), cudaMemcpyHostToDevice));
     GG_CHECK(cudaMemcpy(d_pd.p, pd.data(), pd.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    maps_up = sk::grouped_weight_maps(pg.data(), pu.data(), p.G, p.F, p.K, ld_up);
+    maps_down = sk::grouped_weight_maps(pd.data(), p.G, p.N, p.F, ld_down);
+    GG_CHECK(maps_up.status());
+    GG_CHECK(maps_down.status());
 
     // host reference of h, on the weights as the groups see them (reversed slots)
     std::vector<bf16> wg_g(static_cast<std::size_t>(p.G * stride_up)), wu_g(wg_g.size());
@@ -263,14 +277,15 @@ struct fixture {
 
   cudaError_t gate_up(sk::grouped_gemm_path path, cudaStream_t s) {
     return sk::launch_grouped_gate_up_swiglu(reinterpret_cast<dbf16 const*>(d_x.p), d_off.p, p.G, p.M_total, d_pg.p, d_pu.p, ld_up, p.K, p.F,
-                                             reinterpret_cast<dbf16*>(d_h.p), s, path);
+                                             reinterpret_cast<dbf16*>(d_h.p), s, path, &maps_up);
   }
   cudaError_t down(sk::grouped_gemm_path path, cudaStream_t s) {
     return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N,
-                                   reinterpret_cast<dbf16*>(d_y.p), s, path);
+                                   reinterpret_cast<dbf16*>(d_y.p), s, path, &maps_down);
   }
   cudaError_t down_f32(sk::grouped_gemm_path path, cudaStream_t s) {
-    return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, path);
+    return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, path,
+                                   &maps_down);
   }
   void poison() {
     GG_CHECK(cudaMemset(d_h.p, 0xFF, d_h.n * 2));
@@ -292,13 +307,15 @@ struct fixture {
     auto const bad_h = compare_rows(
         p.M_total, used, p.F, [&](std::int64_t i) { return static_cast<double>(to_f(h[static_cast<std::size_t>(i)])); }, href,
         [&](std::int64_t i) { return h[static_cast<std::size_t>(i)].bits == 0xFFFF; }, what + " h");
-    CHECK(bad_h == 0);
+    INFO(bad_h.first);
+    CHECK(bad_h.bad == 0);
     std::vector<float> yref(static_cast<std::size_t>(p.M_total * p.N), 0.0f);
     ref_down(h, off, down_weights_by_group(), ld_down, stride_down, p.F, p.N, yref);
     auto const bad_y = compare_rows(
         p.M_total, used, p.N, [&](std::int64_t i) { return static_cast<double>(to_f(y[static_cast<std::size_t>(i)])); }, yref,
         [&](std::int64_t i) { return y[static_cast<std::size_t>(i)].bits == 0xFFFF; }, what + " y");
-    CHECK(bad_y == 0);
+    INFO(bad_y.first);
+    CHECK(bad_y.bad == 0);
     auto const bad_yf = compare_rows(
         p.M_total, used, p.N, [&](std::int64_t i) { return static_cast<double>(yf[static_cast<std::size_t>(i)]); }, yref,
         [&](std::int64_t i) {
@@ -307,7 +324,8 @@ struct fixture {
           return b == 0xFFFFFFFFu;
         },
         what + " y fp32");
-    CHECK(bad_yf == 0);
+    INFO(bad_yf.first);
+    CHECK(bad_yf.bad == 0);
   }
 };
 
@@ -325,18 +343,30 @@ std::vector<problem> problems() {
       {128, 1024, 1024, 64, 64, 64, sizes_kind::with_empty, true},
       {128, 16384, 16000, 64, 64, 128, sizes_kind::random, false},
       {128, 2000, 2000, 128, 128, 128, sizes_kind::one_holds_all, true},
+      {16, 4096, 4000, 576, 392, 520, sizes_kind::with_empty, false},
+      {4, 2100, 2048, 1032, 264, 1096, sizes_kind::random, true},
   };
+}
+
+/// The wgmma path runs on sm_90 devices only (and needs an sm_90a build, which the tests are).
+bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  return cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 && minor == 0;
 }
 
 }  // namespace
 
-TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on both paths") {
+TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on every path") {
   int dev_count = 0;
-  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) SPECMOE_SKIP("no CUDA device");
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  bool const sm90 = device_is_sm90();
   std::mt19937_64 rng(20261123);
   for (auto const& pr : problems()) {
     fixture fx(pr, rng);
-    for (auto const path : {sk::grouped_gemm_path::automatic, sk::grouped_gemm_path::stream, sk::grouped_gemm_path::mma}) {
+    for (auto const path : {sk::grouped_gemm_path::automatic, sk::grouped_gemm_path::stream, sk::grouped_gemm_path::mma,
+                            sk::grouped_gemm_path::wgmma}) {
+      if (path == sk::grouped_gemm_path::wgmma && !sm90) continue;
       std::string const what = describe(pr) + " path=" + path_name(path);
       INFO(what);
       fx.poison();
@@ -351,43 +381,49 @@ TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on bot
 
 TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result") {
   int dev_count = 0;
-  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) SPECMOE_SKIP("no CUDA device");
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  bool const sm90 = device_is_sm90();
   std::mt19937_64 rng(7);
   for (auto const& pr : {problem{32, 300, 290, 256, 128, 128, sizes_kind::with_empty, true},
-                         problem{8, 4, 4, 256, 128, 128, sizes_kind::random, true}}) {
+                         problem{8, 4, 4, 256, 128, 128, sizes_kind::random, true},
+                         problem{8, 2048, 2000, 256, 256, 256, sizes_kind::with_empty, true}}) {
     fixture fx(pr, rng);
-    INFO(describe(pr));
-    cudaStream_t s = nullptr;
-    GG_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    fx.poison();
-    cudaGraph_t graph = nullptr;
-    GG_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    GG_CHECK(fx.gate_up(sk::grouped_gemm_path::automatic, s));
-    GG_CHECK(fx.down(sk::grouped_gemm_path::automatic, s));
-    GG_CHECK(fx.down_f32(sk::grouped_gemm_path::automatic, s));
-    GG_CHECK(cudaStreamEndCapture(s, &graph));
-    cudaGraphExec_t exec = nullptr;
-    GG_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    GG_CHECK(cudaGraphLaunch(exec, s));
-    GG_CHECK(cudaStreamSynchronize(s));
-    fx.check(describe(pr) + " graph");
-    // a second replay over re-poisoned outputs gives the same bits
-    std::vector<bf16> y1(fx.d_y.n), y2(fx.d_y.n);
-    GG_CHECK(cudaMemcpy(y1.data(), fx.d_y.p, y1.size() * 2, cudaMemcpyDeviceToHost));
-    fx.poison();
-    GG_CHECK(cudaGraphLaunch(exec, s));
-    GG_CHECK(cudaStreamSynchronize(s));
-    GG_CHECK(cudaMemcpy(y2.data(), fx.d_y.p, y2.size() * 2, cudaMemcpyDeviceToHost));
-    CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * 2) == 0);
-    GG_CHECK(cudaGraphExecDestroy(exec));
-    GG_CHECK(cudaGraphDestroy(graph));
-    GG_CHECK(cudaStreamDestroy(s));
+    for (auto const path : {sk::grouped_gemm_path::automatic, sk::grouped_gemm_path::wgmma}) {
+      if (path == sk::grouped_gemm_path::wgmma && !sm90) continue;
+      std::string const what = describe(pr) + " path=" + path_name(path) + " graph";
+      INFO(what);
+      cudaStream_t s = nullptr;
+      GG_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+      fx.poison();
+      cudaGraph_t graph = nullptr;
+      GG_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+      GG_CHECK(fx.gate_up(path, s));
+      GG_CHECK(fx.down(path, s));
+      GG_CHECK(fx.down_f32(path, s));
+      GG_CHECK(cudaStreamEndCapture(s, &graph));
+      cudaGraphExec_t exec = nullptr;
+      GG_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      GG_CHECK(cudaGraphLaunch(exec, s));
+      GG_CHECK(cudaStreamSynchronize(s));
+      fx.check(what);
+      // a second replay over re-poisoned outputs gives the same bits
+      std::vector<bf16> y1(fx.d_y.n), y2(fx.d_y.n);
+      GG_CHECK(cudaMemcpy(y1.data(), fx.d_y.p, y1.size() * 2, cudaMemcpyDeviceToHost));
+      fx.poison();
+      GG_CHECK(cudaGraphLaunch(exec, s));
+      GG_CHECK(cudaStreamSynchronize(s));
+      GG_CHECK(cudaMemcpy(y2.data(), fx.d_y.p, y2.size() * 2, cudaMemcpyDeviceToHost));
+      CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * 2) == 0);
+      GG_CHECK(cudaGraphExecDestroy(exec));
+      GG_CHECK(cudaGraphDestroy(graph));
+      GG_CHECK(cudaStreamDestroy(s));
+    }
   }
 }
 
 TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
   int dev_count = 0;
-  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) SPECMOE_SKIP("no CUDA device");
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
   std::mt19937_64 rng(3);
   fixture fx(problem{8, 16, 16, 64, 64, 64, sizes_kind::random, true}, rng);
   auto const* x = reinterpret_cast<dbf16 const*>(fx.d_x.p);
@@ -396,6 +432,14 @@ TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
   CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 0, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr) == cudaErrorInvalidValue);
   CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 32, 64, 64, h, nullptr) == cudaErrorInvalidValue);
   CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 0, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr) == cudaSuccess);
+  // wgmma: no maps, or maps built for another shape
+  auto const wg = sk::grouped_gemm_path::wgmma;
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, wg) == cudaErrorInvalidValue);
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, wg, &fx.maps_down) ==
+        cudaErrorInvalidValue);
+  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 56, h, nullptr, wg, &fx.maps_up) ==
+        cudaErrorInvalidValue);
+  CHECK(sk::grouped_weight_maps().status() != cudaSuccess);
   GG_CHECK(cudaGetLastError());
   CHECK(sk::grouped_gemm_workspace_bytes(8, 16) == 0);
 }

@@ -10,6 +10,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <random>
 
 using namespace specmoe;
@@ -103,16 +104,24 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
       for (long long n : {1ll, 17ll, 4096ll, 16384ll}) {
         if (k > E) continue;
         std::vector<std::int32_t> ids(static_cast<std::size_t>(n * k));
+        std::vector<std::int32_t> experts(static_cast<std::size_t>(E));
+        for (int e = 0; e < E; ++e) experts[static_cast<std::size_t>(e)] = e;
         for (long long t = 0; t < n; ++t) {
+          // k distinct experts; skewed: half of all tokens take expert 3 first; some empty slots.
+          for (int j = 0; j < k; ++j) std::swap(experts[static_cast<std::size_t>(j)], experts[static_cast<std::size_t>(j + static_cast<int>(rng() % static_cast<std::uint64_t>(E - j)))]);
+          if (rng() % 2 == 0) {
+            auto const three = std::find(experts.begin(), experts.end(), 3 % E);
+            std::iter_swap(experts.begin(), three);
+          }
           for (int j = 0; j < k; ++j) {
-            // Skewed: half of all slots go to expert 3 when possible; some empty slots.
-            int e = static_cast<int>(rng() % static_cast<std::uint64_t>(E));
-            if (rng() % 2 == 0 && j == 0) e = 3 % E;
+            int e = experts[static_cast<std::size_t>(j)];
             if (rng() % 50 == 0) e = -1;
             ids[static_cast<std::size_t>(t * k + j)] = e;
           }
         }
         long long const slots = n * k;
+        for (auto const path : {kernels::layout_path::automatic, kernels::layout_path::single_block, kernels::layout_path::device_sort}) {
+        if (path == kernels::layout_path::single_block && slots > kernels::layout_single_block_max_slots) continue;
         device_vector<std::int32_t> d_ids(ids), keys_in(static_cast<std::size_t>(slots), 0xff),
             keys_out(static_cast<std::size_t>(slots), 0xff), vals_in(static_cast<std::size_t>(slots), 0xff),
             sorted(static_cast<std::size_t>(slots), 0xff), position(static_cast<std::size_t>(slots), 0xff);
@@ -122,7 +131,7 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
         device_vector<kernels::device_status> status(1, 0);
         kernels::layout_buffers b{keys_in.data(), keys_out.data(), vals_in.data(), sorted.data(), position.data(),
                                   offsets.data(), temp.data(), temp_bytes};
-        SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, n, k, E, b, new_status(status), nullptr));
+        SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, n, k, E, b, new_status(status), nullptr, path));
         SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
         REQUIRE(status.to_host()[0].bits == 0);
         // Host: counting sort, stable.
@@ -133,7 +142,7 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
         for (int e = 0; e < E; ++e) {
           for (long long s = 0; s < slots; ++s) if (ids[static_cast<std::size_t>(s)] == e) expect_sorted.push_back(static_cast<std::int32_t>(s));
         }
-        INFO("E=" << E << " k=" << k << " n=" << n);
+        INFO("E=" << E << " k=" << k << " n=" << n << " path=" << static_cast<int>(path));
         REQUIRE(offsets.to_host() == expect_offsets);
         auto const got_sorted = sorted.to_host();
         REQUIRE(std::vector<std::int32_t>(got_sorted.begin(), got_sorted.begin() + static_cast<std::ptrdiff_t>(expect_sorted.size())) == expect_sorted);
@@ -145,24 +154,37 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
             REQUIRE(got_sorted[static_cast<std::size_t>(pos[static_cast<std::size_t>(s)])] == s);
           }
         }
+        }
       }
     }
   }
 }
 
-TEST_CASE("layout kernels: an expert id out of range is flagged with its token", "[kernels][layout]") {
-  std::vector<std::int32_t> ids{0, 1, 2, 3, 9, 1, 2, 0};  // 4 tokens, top-2, E = 8: token 2 holds 9
-  device_vector<std::int32_t> d_ids(ids), a(8, 0), b2(8, 0), c(8, 0), d(8, 0), e(8, 0);
-  device_vector<std::int64_t> offsets(9, 0);
-  auto const bytes = kernels::layout_sort_temp_bytes(8, 8);
-  device_vector<unsigned char> temp(bytes, 0);
-  device_vector<kernels::device_status> status(1, 0);
-  kernels::layout_buffers b{a.data(), b2.data(), c.data(), d.data(), e.data(), offsets.data(), temp.data(), bytes};
-  SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, 4, 2, 8, b, new_status(status), nullptr));
-  SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
-  auto const s = status.to_host()[0];
-  REQUIRE(s.bits == kernels::device_error_expert_out_of_range);
-  REQUIRE(s.first_token == 2);
+TEST_CASE("layout kernels: an id out of range or an expert twice in a token is flagged with its token", "[kernels][layout]") {
+  // 4 tokens, top-2, E = 8: token 2 names expert 9; token 3 names expert 0 twice.
+  std::vector<std::int32_t> const bad_id{0, 1, 2, 3, 9, 1, 2, 0};
+  std::vector<std::int32_t> const twice{0, 1, 2, 3, 4, 1, 0, 0};
+  for (auto const path : {kernels::layout_path::single_block, kernels::layout_path::device_sort}) {
+    for (auto const* ids : {&bad_id, &twice}) {
+      device_vector<std::int32_t> d_ids(*ids), a(8, 0), b2(8, 0), c(8, 0), d(8, 0), e(8, 0);
+      device_vector<std::int64_t> offsets(9, 0);
+      auto const bytes = kernels::layout_sort_temp_bytes(8, 8);
+      device_vector<unsigned char> temp(bytes, 0);
+      device_vector<kernels::device_status> status(1, 0);
+      kernels::layout_buffers b{a.data(), b2.data(), c.data(), d.data(), e.data(), offsets.data(), temp.data(), bytes};
+      SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, 4, 2, 8, b, new_status(status), nullptr, path));
+      SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+      auto const s = status.to_host()[0];
+      INFO("path=" << static_cast<int>(path));
+      if (ids == &bad_id) {
+        REQUIRE(s.bits == kernels::device_error_expert_out_of_range);
+        REQUIRE(s.first_token == 2);
+      } else {
+        REQUIRE(s.bits == kernels::device_error_duplicate_expert);
+        REQUIRE(s.first_token == 3);
+      }
+    }
+  }
 }
 
 TEST_CASE("permute and combine kernels equal host loops (self-identifying rows)", "[kernels][permute][combine]") {

@@ -164,6 +164,69 @@ TEST_CASE("cuda layer: large batches, experts without tokens, graph capture", "[
   cudaStreamDestroy(stream);
 }
 
+TEST_CASE("cuda layer: fp32 activations equal the fp32 host reference within bf16 tolerance", "[layer][cuda][fp32]") {
+  for (bool grouped : {false, true}) {
+    auto const cfg = grouped ? gpu_config(64, 8, true, 1) : gpu_config(8, 2, false, 0);
+    synthetic::random_layer<bf16> host(cfg, grouped ? 31 : 32);
+    device_weights dev(host.weights());
+    moe_layer<cuda_space> layer(cfg, dev.views, {}, {.max_tokens = 512, .fp32_activations = true});
+    auto const H = cfg.hidden_size, k = cfg.top_k;
+    for (std::int64_t n : {std::int64_t{1}, std::int64_t{333}}) {
+      INFO(cfg << " tokens " << n);
+      auto const x = synthetic::random_activations<float>(n, H, static_cast<std::uint64_t>(n) + 40);
+      device_vector<float> dx(x), dout(x.size(), 0xff);
+      device_vector<std::int32_t> ids(static_cast<std::size_t>(n * k), 0xff);
+      device_vector<float> w(static_cast<std::size_t>(n * k), 0xff);
+      layer.forward(cuda_batch_f32{matrix_view<float const>(dx.data(), n, H)}, matrix_view<float>(dout.data(), n, H), nullptr,
+                    {ids.data(), w.data()});
+      routing routed(n, k);
+      routed.topk_ids = ids.to_host();
+      routed.topk_weights = w.to_host();
+      std::vector<float> want(x.size());
+      dense_reference<float>(cfg, host.weights(), matrix_view<float const>(x.data(), n, H), matrix_view<float>(want.data(), n, H),
+                             routed.view());
+      auto const got = dout.to_host();
+      double worst = 0;
+      for (std::int64_t t = 0; t < n; ++t) {
+        double num = 0, den = 0;
+        for (int c = 0; c < H; ++c) {
+          double const a = got[static_cast<std::size_t>(t * H + c)], b = want[static_cast<std::size_t>(t * H + c)];
+          REQUIRE(std::isfinite(a));
+          num += (a - b) * (a - b);
+          den += b * b;
+        }
+        worst = std::max(worst, std::sqrt(num / std::max(den, 1e-30)));
+      }
+      INFO("worst per-token relative error " << worst);
+      REQUIRE(worst < 1e-2);
+      // The fp32 router: the same choices as the fp32 host gate except at near-ties.
+      routing host_routing;
+      std::vector<float> unused(x.size());
+      dense_reference<float>(cfg, host.weights(), matrix_view<float const>(x.data(), n, H), matrix_view<float>(unused.data(), n, H),
+                             std::nullopt, &host_routing);
+      std::int64_t differing = 0;
+      for (std::int64_t t = 0; t < n; ++t) {
+        for (int j = 0; j < k; ++j) {
+          if (routed.id(t, j) != host_routing.id(t, j)) {
+            ++differing;
+            break;
+          }
+        }
+      }
+      REQUIRE(differing <= std::max<std::int64_t>(1, n / 100));
+    }
+  }
+  // A bf16-only layer refuses fp32 activations before enqueueing anything.
+  auto const cfg = gpu_config(8, 2, false, 0);
+  synthetic::random_layer<bf16> host(cfg, 33);
+  device_weights dev(host.weights());
+  moe_layer<cuda_space> layer(cfg, dev.views, {}, {.max_tokens = 8});
+  device_vector<float> dx(std::vector<float>(static_cast<std::size_t>(4 * cfg.hidden_size), 1.0f)), dout(static_cast<std::size_t>(4 * cfg.hidden_size), 0xff);
+  specmoe::test::require_error(
+      [&] { layer.forward(cuda_batch_f32{matrix_view<float const>(dx.data(), 4, cfg.hidden_size)}, matrix_view<float>(dout.data(), 4, cfg.hidden_size)); },
+      errc::invalid_argument, "fp32_activations");
+}
+
 TEST_CASE("cuda layer: bad input is a specmoe error and the output stays untouched", "[layer][cuda][errors]") {
   auto const cfg = gpu_config(64, 8, false, 0);
   synthetic::random_layer<bf16> host(cfg, 5);
@@ -191,6 +254,15 @@ TEST_CASE("cuda layer: bad input is a specmoe error and the output stays untouch
   specmoe::test::require_error(
       [&] { layer.forward({matrix_view<bf16 const>(dclean.data(), n, cfg.hidden_size), r}, matrix_view<bf16>(dout.data(), n, cfg.hidden_size)); },
       errc::expert_out_of_range, "at token 5");
+  for (auto v : dout.to_host()) REQUIRE(v.bits == 0xffff);
+
+  // The same expert twice in token 9 (engine routing that would double-count an expert).
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>(i % 8 * 8 + i / 8 % 8);
+  ids[9 * 8 + 6] = ids[9 * 8 + 1];
+  SPECMOE_TEST_CUDA(cudaMemcpy(dids.data(), ids.data(), ids.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+  specmoe::test::require_error(
+      [&] { layer.forward({matrix_view<bf16 const>(dclean.data(), n, cfg.hidden_size), r}, matrix_view<bf16>(dout.data(), n, cfg.hidden_size)); },
+      errc::expert_out_of_range, "same expert twice for token 9");
   for (auto v : dout.to_host()) REQUIRE(v.bits == 0xffff);
 
   specmoe::test::require_error(

@@ -9,16 +9,42 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace specmoe::kernels {
 
-/// out[t] = bf16( sum_j w[t,j] * y[position[t,j]] + sum_s shared[s][t] ), j in gate order, fp32
+namespace detail {
+__device__ __forceinline__ void load8(__nv_bfloat16 const* p, float (&f)[8]) {
+  uint4 const packed = *reinterpret_cast<uint4 const*>(p);
+  auto const* h = reinterpret_cast<__nv_bfloat16 const*>(&packed);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) f[c] = __bfloat162float(h[c]);
+}
+__device__ __forceinline__ void load8(float const* p, float (&f)[8]) {
+  float4 const a = reinterpret_cast<float4 const*>(p)[0], b = reinterpret_cast<float4 const*>(p)[1];
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, float const (&f)[8]) {
+  uint4 result;
+  auto* r = reinterpret_cast<__nv_bfloat16*>(&result);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) r[c] = __float2bfloat16_rn(f[c]);
+  *reinterpret_cast<uint4*>(p) = result;
+}
+__device__ __forceinline__ void store8(float* p, float const (&f)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+}  // namespace detail
+
+/// out[t] = Out( sum_j w[t,j] * y[position[t,j]] + sum_s shared[s][t] ), j in gate order, fp32
 /// (explicitly rounded multiply and add, as the host reference). Thread = 8 columns of a token.
-static __global__ void combine_kernel(__nv_bfloat16 const* __restrict__ y, std::int32_t const* __restrict__ position,
-                               float const* __restrict__ weights, long long n, int top_k, int hidden,
-                               __nv_bfloat16 const* __restrict__ shared, int num_shared,
-                               __nv_bfloat16* __restrict__ out, long long out_stride,
-                               device_status const* __restrict__ status) {
+/// Y (expert outputs, shared outputs) and Out are bf16 or fp32.
+template <class Y, class Out>
+static __global__ void combine_kernel(Y const* __restrict__ y, std::int32_t const* __restrict__ position,
+                                      float const* __restrict__ weights, long long n, int top_k, int hidden,
+                                      Y const* __restrict__ shared, int num_shared, Out* __restrict__ out,
+                                      long long out_stride, device_status const* __restrict__ status) {
   if (status->bits != 0) return;
   int const vecs = hidden / 8;
   long long const idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -26,35 +52,33 @@ static __global__ void combine_kernel(__nv_bfloat16 const* __restrict__ y, std::
   if (t >= n) return;
   int const v = static_cast<int>(idx % vecs);
   float acc[8] = {};
+  float part[8];
   for (int j = 0; j < top_k; ++j) {
     int const row = position[t * top_k + j];
     if (row < 0) continue;
     float const w = weights[t * top_k + j];
-    uint4 const packed = reinterpret_cast<uint4 const*>(y + static_cast<long long>(row) * hidden)[v];
-    auto const* h = reinterpret_cast<__nv_bfloat16 const*>(&packed);
+    detail::load8(y + static_cast<long long>(row) * hidden + v * 8, part);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(w, __bfloat162float(h[c])));
+    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(w, part[c]));
   }
   for (int s = 0; s < num_shared; ++s) {
-    uint4 const packed = reinterpret_cast<uint4 const*>(shared + (static_cast<long long>(s) * n + t) * hidden)[v];
-    auto const* h = reinterpret_cast<__nv_bfloat16 const*>(&packed);
+    detail::load8(shared + (static_cast<long long>(s) * n + t) * hidden + v * 8, part);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __bfloat162float(h[c]));
+    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
   }
-  uint4 result;
-  auto* r = reinterpret_cast<__nv_bfloat16*>(&result);
-#pragma unroll
-  for (int c = 0; c < 8; ++c) r[c] = __float2bfloat16_rn(acc[c]);
-  reinterpret_cast<uint4*>(out + t * out_stride)[v] = result;
+  detail::store8(out + t * out_stride + v * 8, acc);
 }
 
-inline cudaError_t launch_combine(__nv_bfloat16 const* y, std::int32_t const* position, float const* weights,
-                                  long long n, int top_k, int hidden, __nv_bfloat16 const* shared, int num_shared,
-                                  __nv_bfloat16* out, long long out_stride, device_status const* status,
-                                  cudaStream_t stream) {
+template <class Y, class Out>
+inline cudaError_t launch_combine(Y const* y, std::int32_t const* position, float const* weights, long long n, int top_k,
+                                  int hidden, std::type_identity_t<Y> const* shared, int num_shared, Out* out, long long out_stride,
+                                  device_status const* status, cudaStream_t stream) {
+  static_assert((std::is_same_v<Y, __nv_bfloat16> || std::is_same_v<Y, float>) &&
+                    (std::is_same_v<Out, __nv_bfloat16> || std::is_same_v<Out, float>),
+                "combine reads and writes bf16 or fp32");
   if (n == 0) return cudaSuccess;
   long long const threads_total = n * (hidden / 8);
-  combine_kernel<<<static_cast<unsigned>((threads_total + 255) / 256), 256, 0, stream>>>(
+  combine_kernel<Y, Out><<<static_cast<unsigned>((threads_total + 255) / 256), 256, 0, stream>>>(
       y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride, status);
   return cudaGetLastError();
 }

@@ -20,6 +20,7 @@ enum device_error : int {
   device_error_non_finite_logit = 1,
   device_error_expert_out_of_range = 2,
   device_error_non_finite_weight = 4,
+  device_error_duplicate_expert = 8,
 };
 
 /// Where kernels report bad input without a host round trip: bits, and the first token involved.

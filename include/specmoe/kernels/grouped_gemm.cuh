@@ -12,7 +12,7 @@
 //
 // fp32 accumulation everywhere; silu(g) = g / (1 + expf(-g)), as detail/host/ffn.hpp.
 //
-// Two paths, chosen in the wrapper from host-known numbers only (M_total / G):
+// Three paths, chosen in the wrapper from host-known numbers only (M_total / G, the device):
 //   stream: few rows per group (decode). Each warp streams whole weight rows with 16-byte loads
 //           and applies each weight element to up to 8 rows of its group (weights read once per
 //           8 rows of a group).
@@ -21,6 +21,11 @@
 //           its (group, row tile) by a block-wide scan of the offsets (no tile table, no
 //           workspace); tiles are visited in bands of 8 row tiles so that a weight tile is read
 //           from HBM about once per band.
+//   wgmma:  more than ~2 rows per group on sm_90 (Hopper, sm_90a builds), in place of mma:
+//           persistent, warp-specialised, TMA-fed wgmma kernel with 128x256x64 tiles
+//           (detail/grouped_wgmma.cuh). The weights come through per-group tensor maps prepared
+//           once on the host (grouped_weight_maps, the launches' last argument); without them
+//           `automatic` never picks this path.
 //
 // Requirements (the wrappers return cudaErrorInvalidValue otherwise): K, F, N_out and ld multiples
 // of 8, all pointers 16-byte aligned, G >= 1, offsets[0] = 0, offsets non-decreasing,
@@ -33,18 +38,109 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include <specmoe/kernels/detail/grouped_wgmma.cuh>
+
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace specmoe::kernels {
 
-/// Which kernel runs: `automatic` chooses from M_total / G (the default); the others force one
-/// path (tests and benchmarks).
-enum class grouped_gemm_path { automatic, stream, mma };
+/// Which kernel runs: `automatic` chooses from M_total / G and the device (the default); the others
+/// force one path (tests and benchmarks). A forced `wgmma` needs grouped_weight_maps, an sm_90
+/// device and an sm_90a build (else cudaErrorInvalidValue / cudaErrorNotSupported).
+enum class grouped_gemm_path { automatic, stream, mma, wgmma };
 
 /// Scratch the grouped GEMMs need: none (each block scans the offsets itself).
 constexpr std::size_t grouped_gemm_workspace_bytes(int /*G*/, std::int64_t /*M_total*/) noexcept { return 0; }
+
+/// Per-group TMA descriptors (CUtensorMap) of the expert weights, for the wgmma path: one map per
+/// group and matrix, encoded once on the host from host-side copies of the pointer tables and kept
+/// on the device. Build it where the layer builds those tables (at construction) and pass it to
+/// every launch; the pointers must be the same as those of the device tables.
+///
+/// @note The constructor synchronises (cudaMalloc + cudaMemcpy); the launches do not. Check
+///       status(): on failure the maps are unusable and the launches ignore them.
+class grouped_weight_maps {
+ public:
+  grouped_weight_maps() = default;
+  /// gate_up: w_gate[g], w_up[g] (host arrays of G device pointers), each [rows = F, K], row stride ld.
+  grouped_weight_maps(__nv_bfloat16 const* const* w_gate, __nv_bfloat16 const* const* w_up, int G, std::int64_t rows, int K,
+                      std::int64_t ld) {
+    build(w_gate, w_up, G, rows, K, ld);
+  }
+  /// down: w[g] (host array of G device pointers), each [rows = N_out, K = F], row stride ld.
+  grouped_weight_maps(__nv_bfloat16 const* const* w, int G, std::int64_t rows, int K, std::int64_t ld) {
+    build(w, nullptr, G, rows, K, ld);
+  }
+  grouped_weight_maps(grouped_weight_maps const&) = delete;
+  grouped_weight_maps& operator=(grouped_weight_maps const&) = delete;
+  grouped_weight_maps(grouped_weight_maps&& o) noexcept { swap(o); }
+  grouped_weight_maps& operator=(grouped_weight_maps&& o) noexcept {
+    grouped_weight_maps tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  ~grouped_weight_maps() {
+    if (maps_) cudaFree(maps_);
+  }
+
+  [[nodiscard]] cudaError_t status() const noexcept { return status_; }
+  [[nodiscard]] int groups() const noexcept { return groups_; }
+  [[nodiscard]] int matrices() const noexcept { return matrices_; }  // 2: gate_up, 1: down
+  /// The device-resident maps of matrix `m` (0: gate or down, 1: up), G of them, 64-byte aligned.
+  [[nodiscard]] CUtensorMap const* device_maps(int m) const noexcept { return maps_ + static_cast<std::ptrdiff_t>(m) * groups_; }
+  /// Built for at least G groups of `nmat` matrices [rows, K] with row stride ld.
+  [[nodiscard]] bool fits(int G, int nmat, std::int64_t rows, int K, std::int64_t ld) const noexcept {
+    return status_ == cudaSuccess && groups_ >= G && matrices_ == nmat && rows_ == rows && k_ == K && ld_ == ld;
+  }
+
+ private:
+  void build(__nv_bfloat16 const* const* w0, __nv_bfloat16 const* const* w1, int G, std::int64_t rows, int K, std::int64_t ld) {
+    status_ = cudaErrorInvalidValue;
+    if (G < 1 || !w0 || rows < 1 || K < 8 || K % 8 != 0 || ld < K || ld % 8 != 0) return;
+    int const nmat = w1 ? 2 : 1;
+    std::vector<CUtensorMap> host(static_cast<std::size_t>(G) * static_cast<std::size_t>(nmat));
+    for (int m = 0; m < nmat; ++m) {
+      for (int g = 0; g < G; ++g) {
+        void const* const p = (m == 0 ? w0 : w1)[g];
+        cudaError_t const e = wgmma_detail::encode_rows(host[static_cast<std::size_t>(m) * G + g], p, static_cast<std::uint64_t>(rows),
+                                                        static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(ld));
+        if (e != cudaSuccess) {
+          status_ = e;
+          return;
+        }
+      }
+    }
+    void* d = nullptr;
+    status_ = cudaMalloc(&d, host.size() * sizeof(CUtensorMap));
+    if (status_ != cudaSuccess) return;
+    maps_ = static_cast<CUtensorMap*>(d);
+    status_ = cudaMemcpy(maps_, host.data(), host.size() * sizeof(CUtensorMap), cudaMemcpyHostToDevice);
+    if (status_ != cudaSuccess) return;
+    groups_ = G;
+    matrices_ = nmat;
+    rows_ = rows;
+    k_ = K;
+    ld_ = ld;
+  }
+  void swap(grouped_weight_maps& o) noexcept {
+    std::swap(maps_, o.maps_);
+    std::swap(status_, o.status_);
+    std::swap(groups_, o.groups_);
+    std::swap(matrices_, o.matrices_);
+    std::swap(rows_, o.rows_);
+    std::swap(k_, o.k_);
+    std::swap(ld_, o.ld_);
+  }
+
+  CUtensorMap* maps_ = nullptr;
+  cudaError_t status_ = cudaErrorInvalidValue;  // not built
+  int groups_ = 0, matrices_ = 0, k_ = 0;
+  std::int64_t rows_ = 0, ld_ = 0;
+};
 
 namespace grouped_gemm_detail {
 
@@ -427,29 +523,43 @@ inline bool aligned16(void const* p) { return (reinterpret_cast<std::uintptr_t>(
 
 /// The automatic choice: the stream path while groups hold few rows on average. Measured on an
 /// H100 (docs/benchmarks.md, issue 4): gate_up (two matrices streamed per warp) stays ahead of
-/// the mma path up to ~4 rows a group, down (one matrix, less in flight) only up to ~2.
-inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total, int nmat) {
+/// the mma path up to ~4 rows a group, down (one matrix, less in flight) only up to ~2. The wgmma
+/// path, where it can run (maps given, sm_90 device, sm_90a build), beat mma on every measured
+/// shape from 16 tokens up and ties or beats stream from ~2 rows a group.
+inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total, int nmat, bool wgmma_ok) {
   if (p != grouped_gemm_path::automatic) return p;
   std::int64_t const active = M_total < G ? M_total : G;  // at most this many non-empty groups
-  std::int64_t const rows_per_group = nmat == 2 ? 4 : 2;
-  return M_total <= rows_per_group * active ? grouped_gemm_path::stream : grouped_gemm_path::mma;
+  std::int64_t const rows_per_group = nmat == 2 && !wgmma_ok ? 4 : 2;
+  if (M_total <= rows_per_group * active) return grouped_gemm_path::stream;
+  return wgmma_ok ? grouped_gemm_path::wgmma : grouped_gemm_path::mma;
 }
 
 template <int NMAT, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0,
-                   bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path) {
+                   bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path,
+                   grouped_weight_maps const* maps) {
   if (G < 1 || G > 16384 || M_total < 0 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || ld < K || ld % 8 != 0 || !a || !offsets ||
       !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out)) {
     return cudaErrorInvalidValue;
   }
+  if (maps && maps->status() != cudaSuccess) maps = nullptr;  // unusable: as if absent
+  if (maps && !maps->fits(G, NMAT, N, K, ld)) return cudaErrorInvalidValue;
   if (M_total == 0) return cudaSuccess;
-  if (choose(path, G, M_total, NMAT) == grouped_gemm_path::stream) {
+  constexpr bool swiglu = NMAT == 2;
+  bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
+  grouped_gemm_path const chosen = choose(path, G, M_total, NMAT, wgmma_ok);
+  if (chosen == grouped_gemm_path::wgmma) {
+    if (!maps) return cudaErrorInvalidValue;
+    if (!wgmma_ok) return cudaErrorNotSupported;
+    return wgmma_detail::launch<swiglu, OutT>(a, offsets, G, M_total, maps->device_maps(0), maps->device_maps(swiglu ? 1 : 0), K, N,
+                                              out, stream);
+  }
+  if (chosen == grouped_gemm_path::stream) {
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
     grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
   } else {
-    constexpr bool swiglu = NMAT == 2;
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     static cudaError_t const attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(mma_smem_bytes));
     if (attr != cudaSuccess) return attr;
@@ -471,27 +581,31 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
 /// h[m, f] = bf16_rn(silu(x_m . Wg[f]) * (x_m . Wu[f])) for every row m < offsets[G], where group g
 /// of row m uses w_gate[g], w_up[g] (device arrays of G device pointers, each [F, K] with row
 /// stride ld). x [M_total, K], h [M_total, F], both bf16 row-major. Fused w13 ([2F, K] per
-/// expert): w_up[g] = w_gate[g] + F * ld.
+/// expert): w_up[g] = w_gate[g] + F * ld. `maps` (optional): the same pointers as tensor maps
+/// (grouped_weight_maps(w_gate, w_up, G, F, K, ld)), which enables the wgmma path.
 inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, std::int64_t const* offsets, int G, std::int64_t M_total,
                                                  __nv_bfloat16 const* const* w_gate, __nv_bfloat16 const* const* w_up, std::int64_t ld,
                                                  int K, int F, __nv_bfloat16* h, cudaStream_t stream,
-                                                 grouped_gemm_path path = grouped_gemm_path::automatic) {
-  return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path);
+                                                 grouped_gemm_path path = grouped_gemm_path::automatic,
+                                                 grouped_weight_maps const* maps = nullptr) {
+  return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps);
 }
 
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row
-/// stride ld. h [M_total, F] bf16, y [M_total, N_out] bf16.
+/// stride ld. h [M_total, F] bf16, y [M_total, N_out] bf16. `maps` (optional):
+/// grouped_weight_maps(w_down, G, N_out, F, ld), which enables the wgmma path.
 inline cudaError_t launch_grouped_down(__nv_bfloat16 const* h, std::int64_t const* offsets, int G, std::int64_t M_total,
                                        __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, __nv_bfloat16* y,
-                                       cudaStream_t stream, grouped_gemm_path path = grouped_gemm_path::automatic) {
-  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path);
+                                       cudaStream_t stream, grouped_gemm_path path = grouped_gemm_path::automatic,
+                                       grouped_weight_maps const* maps = nullptr) {
+  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path, maps);
 }
 
 /// The same with an fp32 output (fp32 layers); y [M_total, N_out] float.
 inline cudaError_t launch_grouped_down(__nv_bfloat16 const* h, std::int64_t const* offsets, int G, std::int64_t M_total,
                                        __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, float* y, cudaStream_t stream,
-                                       grouped_gemm_path path = grouped_gemm_path::automatic) {
-  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path);
+                                       grouped_gemm_path path = grouped_gemm_path::automatic, grouped_weight_maps const* maps = nullptr) {
+  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path, maps);
 }
 
 }  // namespace specmoe::kernels

@@ -1,9 +1,17 @@
 // specmoe/kernels/layout.cuh: routing -> expert-major order (stable), per-expert offsets, and the
 // inverse map the combine uses. Deterministic: a stable radix sort keyed by expert id.
+//
+// Two paths with identical results, chosen by slot count (tokens x top_k), measured in
+// bench/kernels/routing_kernels_bench.cu:
+//   single_block: one launch; a block-wide radix sort in shared memory writes the order, the
+//                 offsets and the inverse map directly (decode and small prefill: up to 8192 slots).
+//   device_sort:  keys kernel + cub::DeviceRadixSort + offsets + inverse (any size).
+// Both check every slot: ids outside [-1, E), an expert twice in one token, non-finite weights.
 #pragma once
 
 #include <specmoe/kernels/gate.cuh>
 
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime.h>
 
@@ -17,28 +25,51 @@ inline int bits_for(int value) {
   while ((1 << b) <= value) ++b;
   return b;
 }
+
+/// Sort key of slot s: its expert, or E for an empty slot (-1) and for a flagged one.
+__device__ inline int slot_key(std::int32_t const* __restrict__ ids, float const* __restrict__ weights, long long s,
+                               int top_k, int num_experts, device_status* status) {
+  int const e = ids[s];
+  long long const token = s / top_k;
+  if (weights && !isfinite(weights[s])) report(status, device_error_non_finite_weight, token);
+  if (e < -1 || e >= num_experts) {
+    report(status, device_error_expert_out_of_range, token);
+    return num_experts;
+  }
+  if (e >= 0) {
+    for (long long j = token * top_k; j < s; ++j) {
+      if (ids[j] == e) {
+        report(status, device_error_duplicate_expert, token);
+        break;
+      }
+    }
+  }
+  return e < 0 ? num_experts : e;
+}
 }  // namespace detail
 
-/// keys[s] = expert of slot s (num_experts for an empty slot, -1), vals[s] = s. Ids outside
-/// [-1, E) and non-finite weights are flagged (and sorted last, as empty).
+/// Which layout kernel runs: `automatic` picks by slot count; the others force one (tests, benches).
+enum class layout_path { automatic, single_block, device_sort };
+
+/// Most slots the single-block path sorts (1024 threads x 8 keys).
+inline constexpr long long layout_single_block_max_slots = 8192;
+/// Where `automatic` switches to the device sort: up to here one block is as fast or faster
+/// (H100, docs/benchmarks.md); beyond, the 1024-thread block is no faster than CUB's sort.
+inline constexpr long long layout_automatic_single_block_slots = 2048;
+
+/// keys[s] = slot_key(s), vals[s] = s.
 static __global__ void routing_keys_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights,
-                                    long long slots, int top_k, int num_experts, std::int32_t* __restrict__ keys,
-                                    std::int32_t* __restrict__ vals, device_status* status) {
+                                           long long slots, int top_k, int num_experts, std::int32_t* __restrict__ keys,
+                                           std::int32_t* __restrict__ vals, device_status* status) {
   long long const s = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= slots) return;
-  int e = ids[s];
-  if (e < -1 || e >= num_experts) {
-    detail::report(status, device_error_expert_out_of_range, s / top_k);
-    e = -1;
-  }
-  if (weights && !isfinite(weights[s])) detail::report(status, device_error_non_finite_weight, s / top_k);
-  keys[s] = e < 0 ? num_experts : e;
+  keys[s] = detail::slot_key(ids, weights, s, top_k, num_experts, status);
   vals[s] = static_cast<std::int32_t>(s);
 }
 
 /// offsets[e] = first sorted position of expert e, e in [0, E]; offsets[E] = rows that run.
 static __global__ void expert_offsets_kernel(std::int32_t const* __restrict__ sorted_keys, long long slots, int num_experts,
-                                      std::int64_t* __restrict__ offsets) {
+                                             std::int64_t* __restrict__ offsets) {
   int const e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (e > num_experts) return;
   long long lo = 0, hi = slots;
@@ -55,14 +86,81 @@ static __global__ void expert_offsets_kernel(std::int32_t const* __restrict__ so
 
 /// position[slot] = row of the slot in expert-major order, -1 for empty slots.
 static __global__ void inverse_positions_kernel(std::int32_t const* __restrict__ sorted_vals, long long slots,
-                                         std::int64_t const* __restrict__ offsets, int num_experts,
-                                         std::int32_t* __restrict__ position) {
+                                                std::int64_t const* __restrict__ offsets, int num_experts,
+                                                std::int32_t* __restrict__ position) {
   long long const i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= slots) return;
   position[sorted_vals[i]] = i < offsets[num_experts] ? static_cast<std::int32_t>(i) : -1;
 }
 
-/// Device buffers of the layout step, for up to `max_slots` slots (tokens x top_k).
+/// The whole layout in one block: ids staged in shared memory (the duplicate check reads its
+/// token's neighbours there), keys in a blocked arrangement (slot order), a stable block radix
+/// sort, then each sorted position writes its slot and inverse, and each expert finds its offset
+/// by a binary search over the sorted keys.
+template <int THREADS, int ITEMS>
+static __global__ void __launch_bounds__(THREADS)
+    single_block_layout_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights, int slots, int top_k,
+                               int num_experts, int key_bits, std::int32_t* __restrict__ sorted_slots,
+                               std::int32_t* __restrict__ position, std::int64_t* __restrict__ offsets,
+                               device_status* status) {
+  using sort_t = cub::BlockRadixSort<int, THREADS, ITEMS, int>;
+  __shared__ union {
+    typename sort_t::TempStorage sort;
+    int keys[THREADS * ITEMS];
+  } smem;
+  int keys[ITEMS], vals[ITEMS];
+  int const first = static_cast<int>(threadIdx.x) * ITEMS;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    int const s = first + i;
+    smem.keys[s] = s < slots ? ids[s] : -1;
+    if (s < slots && weights && !isfinite(weights[s])) detail::report(status, device_error_non_finite_weight, s / top_k);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    int const s = first + i;
+    int key = num_experts + 1;  // padding sorts after every real slot (real keys are <= E)
+    if (s < slots) {
+      int const e = smem.keys[s];
+      key = e < 0 ? num_experts : e;
+      if (e < -1 || e >= num_experts) {
+        detail::report(status, device_error_expert_out_of_range, s / top_k);
+        key = num_experts;
+      } else if (e >= 0) {
+        bool twice = false;
+        for (int j = s - s % top_k; j < s; ++j) twice |= smem.keys[j] == e;
+        if (twice) detail::report(status, device_error_duplicate_expert, s / top_k);
+      }
+    }
+    keys[i] = key;
+    vals[i] = s;
+  }
+  __syncthreads();  // the sort reuses smem.keys
+  sort_t(smem.sort).Sort(keys, vals, 0, key_bits);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    int const p = first + i;
+    smem.keys[p] = keys[i];
+    if (p < slots) {
+      sorted_slots[p] = vals[i];
+      position[vals[i]] = keys[i] < num_experts ? p : -1;
+    }
+  }
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e <= num_experts; e += THREADS) {
+    int lo = 0, hi = slots;  // first sorted position whose key >= e
+    while (lo < hi) {
+      int const mid = (lo + hi) >> 1;
+      if (smem.keys[mid] < e) lo = mid + 1; else hi = mid;
+    }
+    offsets[e] = lo;
+  }
+}
+
+/// Device buffers of the layout step, for up to `max_slots` slots (tokens x top_k). The first
+/// three and `sort_temp` are the device_sort path's scratch.
 struct layout_buffers {
   std::int32_t* keys_in = nullptr;
   std::int32_t* keys_out = nullptr;
@@ -86,10 +184,30 @@ inline std::size_t layout_sort_temp_bytes(long long max_slots, int num_experts) 
 
 /// Routing of n tokens -> expert-major layout in `b`. No host synchronisation.
 inline cudaError_t launch_layout(std::int32_t const* ids, float const* weights, long long n, int top_k, int num_experts,
-                                 layout_buffers const& b, device_status* status, cudaStream_t stream) {
+                                 layout_buffers const& b, device_status* status, cudaStream_t stream,
+                                 layout_path path = layout_path::automatic) {
   long long const slots = n * top_k;
   if (slots == 0) {
     return cudaMemsetAsync(b.offsets, 0, sizeof(std::int64_t) * static_cast<std::size_t>(num_experts + 1), stream);
+  }
+  if (path == layout_path::automatic) {
+    path = slots <= layout_automatic_single_block_slots ? layout_path::single_block : layout_path::device_sort;
+  }
+  if (path == layout_path::single_block) {
+    if (slots > layout_single_block_max_slots) return cudaErrorInvalidValue;
+    int const bits = detail::bits_for(num_experts + 1);
+    auto const s = static_cast<int>(slots);
+    if (slots <= 512) {
+      single_block_layout_kernel<128, 4><<<1, 128, 0, stream>>>(ids, weights, s, top_k, num_experts, bits, b.sorted_slots,
+                                                                 b.position, b.offsets, status);
+    } else if (slots <= 2048) {
+      single_block_layout_kernel<256, 8><<<1, 256, 0, stream>>>(ids, weights, s, top_k, num_experts, bits, b.sorted_slots,
+                                                                 b.position, b.offsets, status);
+    } else {
+      single_block_layout_kernel<1024, 8><<<1, 1024, 0, stream>>>(ids, weights, s, top_k, num_experts, bits,
+                                                                   b.sorted_slots, b.position, b.offsets, status);
+    }
+    return cudaGetLastError();
   }
   unsigned const threads = 256;
   auto const blocks = static_cast<unsigned>((slots + threads - 1) / threads);

@@ -1,35 +1,69 @@
-// specmoe/kernels/permute.cuh: gather token rows into expert-major order (16-byte accesses).
+// specmoe/kernels/permute.cuh: gather token rows into expert-major order (16-byte accesses),
+// converting fp32 activations to bf16 on the way where the layer runs fp32 activations.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace specmoe::kernels {
 
-/// xp[i] = x[sorted_slots[i] / top_k] for rows i < offsets_end[0]; bf16 rows of `hidden`
-/// elements, hidden % 8 == 0 (one uint4 = 8 bf16 per thread).
-static __global__ void gather_rows_kernel(__nv_bfloat16 const* __restrict__ x, long long x_stride, int hidden,
-                                   std::int32_t const* __restrict__ sorted_slots, int top_k,
-                                   std::int64_t const* __restrict__ rows_end, long long max_rows,
-                                   __nv_bfloat16* __restrict__ xp) {
+namespace detail {
+/// 8 consecutive elements of a row as 8 bf16 (one uint4): a copy for bf16, round-to-nearest for fp32.
+__device__ __forceinline__ uint4 load8_as_bf16(__nv_bfloat16 const* p) { return *reinterpret_cast<uint4 const*>(p); }
+__device__ __forceinline__ uint4 load8_as_bf16(float const* p) {
+  float4 const a = reinterpret_cast<float4 const*>(p)[0], b = reinterpret_cast<float4 const*>(p)[1];
+  uint4 r;
+  auto* h = reinterpret_cast<__nv_bfloat162*>(&r);
+  h[0] = __floats2bfloat162_rn(a.x, a.y);
+  h[1] = __floats2bfloat162_rn(a.z, a.w);
+  h[2] = __floats2bfloat162_rn(b.x, b.y);
+  h[3] = __floats2bfloat162_rn(b.z, b.w);
+  return r;
+}
+}  // namespace detail
+
+/// xp[i] = bf16(x[sorted_slots[i] / top_k]) for rows i < rows_end[0]; rows of `hidden` elements,
+/// hidden % 8 == 0 (8 elements per thread), x bf16 or fp32.
+template <class T>
+static __global__ void gather_rows_kernel(T const* __restrict__ x, long long x_stride, int hidden,
+                                          std::int32_t const* __restrict__ sorted_slots, int top_k,
+                                          std::int64_t const* __restrict__ rows_end, long long max_rows,
+                                          __nv_bfloat16* __restrict__ xp) {
   int const vecs = hidden / 8;
   long long const idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   long long const row = idx / vecs;
   if (row >= max_rows || row >= *rows_end) return;
   int const v = static_cast<int>(idx % vecs);
   long long const token = sorted_slots[row] / top_k;
-  reinterpret_cast<uint4*>(xp + row * hidden)[v] = reinterpret_cast<uint4 const*>(x + token * x_stride)[v];
+  reinterpret_cast<uint4*>(xp + row * hidden)[v] = detail::load8_as_bf16(x + token * x_stride + v * 8);
 }
 
-inline cudaError_t launch_gather_rows(__nv_bfloat16 const* x, long long x_stride, int hidden,
-                                      std::int32_t const* sorted_slots, int top_k, std::int64_t const* rows_end,
-                                      long long max_rows, __nv_bfloat16* xp, cudaStream_t stream) {
+template <class T>
+inline cudaError_t launch_gather_rows(T const* x, long long x_stride, int hidden, std::int32_t const* sorted_slots, int top_k,
+                                      std::int64_t const* rows_end, long long max_rows, __nv_bfloat16* xp, cudaStream_t stream) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, float>, "gather takes bf16 or fp32 rows");
   if (max_rows == 0) return cudaSuccess;
   long long const threads_total = max_rows * (hidden / 8);
-  gather_rows_kernel<<<static_cast<unsigned>((threads_total + 255) / 256), 256, 0, stream>>>(
+  gather_rows_kernel<T><<<static_cast<unsigned>((threads_total + 255) / 256), 256, 0, stream>>>(
       x, x_stride, hidden, sorted_slots, top_k, rows_end, max_rows, xp);
+  return cudaGetLastError();
+}
+
+/// xb[t] = bf16(x[t]) for n dense rows of `hidden` fp32 (hidden % 8 == 0): the shared experts' input
+/// in an fp32-activation layer.
+static __global__ void rows_to_bf16_kernel(float const* __restrict__ x, long long elements, __nv_bfloat16* __restrict__ xb) {
+  long long const v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v * 8 >= elements) return;
+  reinterpret_cast<uint4*>(xb)[v] = detail::load8_as_bf16(x + v * 8);
+}
+
+inline cudaError_t launch_rows_to_bf16(float const* x, long long n, int hidden, __nv_bfloat16* xb, cudaStream_t stream) {
+  long long const vecs = n * hidden / 8;
+  if (vecs == 0) return cudaSuccess;
+  rows_to_bf16_kernel<<<static_cast<unsigned>((vecs + 255) / 256), 256, 0, stream>>>(x, n * hidden, xb);
   return cudaGetLastError();
 }
 

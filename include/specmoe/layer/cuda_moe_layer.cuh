@@ -42,13 +42,21 @@ namespace specmoe {
 /// @brief Sizes the cuda layer's workspace once, at construction.
 struct cuda_layer_options {
   std::int64_t max_tokens = 8192;  ///< the most tokens one forward may carry (dropless up to here)
+  /// Also size the workspace for fp32 activations (forward with cuda_batch_f32 and an fp32 output):
+  /// the router runs in fp32, the expert GEMMs take bf16-rounded inputs with fp32 accumulation, and
+  /// expert outputs and the combine stay fp32.
+  bool fp32_activations = false;
 };
 
-/// @brief One forward's input on cuda_space: device views.
-struct cuda_batch {
-  matrix_view<bf16 const> x;              ///< [num_tokens, hidden] device memory, dense rows (stride = hidden)
+/// @brief One forward's input on cuda_space: device views. T is bf16 (cuda_batch) or float
+/// (cuda_batch_f32, needs cuda_layer_options::fp32_activations).
+template <class T>
+struct basic_cuda_batch {
+  matrix_view<T const> x;                 ///< [num_tokens, hidden] device memory, dense rows (stride = hidden)
   std::optional<routing_view> routing{};  ///< engine routing in device memory (skips the gate)
 };
+using cuda_batch = basic_cuda_batch<bf16>;
+using cuda_batch_f32 = basic_cuda_batch<float>;
 
 /// @brief Where the layer may also write the routing the gate chose (device [num_tokens, top_k]).
 struct cuda_routing_output {
@@ -109,8 +117,13 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
 
   /// @brief Enqueues out[t] = MoE(x[t]) on `stream`. Host-side checks (shapes, alignment,
   /// max_tokens) throw before anything is enqueued; device-side ones are read by `check`.
-  void forward_async(cuda_batch const& batch, matrix_view<bf16> out, cudaStream_t stream,
+  template <class T>
+    requires(std::is_same_v<T, bf16> || std::is_same_v<T, float>)
+  void forward_async(basic_cuda_batch<T> const& batch, matrix_view<T> out, cudaStream_t stream,
                      cuda_routing_output routing_out = {}) {
+    constexpr bool fp32 = std::is_same_v<T, float>;
+    SPECMOE_EXPECTS(!fp32 || options_.fp32_activations, errc::invalid_argument,
+                    "fp32 activations need a layer built with cuda_layer_options::fp32_activations = true");
     auto const H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
     auto const n = batch.x.rows;
     SPECMOE_EXPECTS(batch.x.cols == H && out.cols == H && out.rows == n, errc::shape_mismatch, "x [", batch.x.rows, ", ",
@@ -119,6 +132,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                     options_.max_tokens, " the workspace was sized for (cuda_layer_options::max_tokens)");
     SPECMOE_EXPECTS(batch.x.stride == H && out.stride % 8 == 0, errc::unsupported,
                     "x must be dense rows (stride = hidden) and out's stride a multiple of 8");
+    // (fp32 rows: 8 elements are 32 bytes, so 16-byte alignment and hidden % 8 == 0 still suffice)
     SPECMOE_EXPECTS(n == 0 || (aligned(batch.x.data) && aligned(out.data)), errc::invalid_argument,
                     "x and out must be 16-byte aligned device memory");
     if (batch.routing) {
@@ -131,7 +145,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
                                      stream));
     if (n == 0) return;
-    auto const* x = reinterpret_cast<__nv_bfloat16 const*>(batch.x.data);
+    using dev_t = std::conditional_t<fp32, float, __nv_bfloat16>;
+    auto const* x = reinterpret_cast<dev_t const*>(batch.x.data);
     std::int32_t const* ids = nullptr;
     float const* weights = nullptr;
     if (batch.routing) {
@@ -143,10 +158,16 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       float const one = 1.0f, zero = 0.0f;
       SPECMOE_CUBLAS_TRY(cublasSetStream(cublas_, stream));
       // logits^T [E, n] (column-major) = W_router [E, H] . x^T
-      SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
-                                      weights_.router.weight.data, CUDA_R_16BF,
-                                      static_cast<int>(weights_.router.weight.stride), x, CUDA_R_16BF, H, &zero,
-                                      logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      if constexpr (fp32) {  // fp32 router (weights widened once at construction)
+        SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one, router_f32_,
+                                        CUDA_R_32F, H, x, CUDA_R_32F, H, &zero, logits_, CUDA_R_32F, E,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      } else {
+        SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
+                                        weights_.router.weight.data, CUDA_R_16BF,
+                                        static_cast<int>(weights_.router.weight.stride), x, CUDA_R_16BF, H, &zero,
+                                        logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
       SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids,
                                                  out_weights, status_, stream));
       ids = out_ids;
@@ -156,23 +177,38 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto const rows = n * k;
     SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
     SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_ptrs_, up_ptrs_,
-                                                            gate_up_ld_, H, config_.ffn_size, h_, stream));
+                                                            gate_up_ld_, H, config_.ffn_size, h_, stream,
+                                                            kernels::grouped_gemm_path::automatic, &gate_up_maps_));
+    // expert outputs: bf16 for bf16 activations, fp32 for fp32 ones (combined in fp32 either way)
+    auto* y = reinterpret_cast<dev_t*>(y_);
+    auto* shared_y = reinterpret_cast<dev_t*>(shared_y_);
     SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_ptrs_, down_ld_,
-                                                  config_.ffn_size, H, y_, stream));
+                                                  config_.ffn_size, H, y, stream, kernels::grouped_gemm_path::automatic,
+                                                  &down_maps_));
     auto const S = config_.num_shared_experts;
     if (S > 0) {
+      __nv_bfloat16 const* xs = nullptr;
+      if constexpr (fp32) {
+        SPECMOE_CUDA_TRY(kernels::launch_rows_to_bf16(x, n, H, x_bf16_, stream));
+        xs = x_bf16_;
+      } else {
+        xs = x;
+      }
       SPECMOE_CUDA_TRY(kernels::launch_single_group_offsets(shared_offsets_, n, stream));
       for (int s = 0; s < S; ++s) {
-        SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(x, shared_offsets_, 1, n, shared_gate_ptrs_ + s,
+        SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xs, shared_offsets_, 1, n, shared_gate_ptrs_ + s,
                                                                 shared_up_ptrs_ + s, shared_gate_up_ld_, H,
-                                                                config_.shared_ffn_size, shared_h_, stream));
+                                                                config_.shared_ffn_size, shared_h_, stream,
+                                                                kernels::grouped_gemm_path::automatic,
+                                                                &shared_maps_[static_cast<std::size_t>(2 * s)]));
         SPECMOE_CUDA_TRY(kernels::launch_grouped_down(shared_h_, shared_offsets_, 1, n, shared_down_ptrs_ + s,
                                                       shared_down_ld_, config_.shared_ffn_size, H,
-                                                      shared_y_ + s * n * H, stream));
+                                                      shared_y + s * n * H, stream, kernels::grouped_gemm_path::automatic,
+                                                      &shared_maps_[static_cast<std::size_t>(2 * s + 1)]));
       }
     }
-    SPECMOE_CUDA_TRY(kernels::launch_combine(y_, layout_.position, weights, n, k, H, shared_y_, S,
-                                             reinterpret_cast<__nv_bfloat16*>(out.data), out.stride, status_, stream));
+    SPECMOE_CUDA_TRY(kernels::launch_combine(y, layout_.position, weights, n, k, H, shared_y, S,
+                                             reinterpret_cast<dev_t*>(out.data), out.stride, status_, stream));
   }
 
   /// @brief Waits for `stream` and raises what the device flagged during the last forward.
@@ -184,6 +220,9 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     SPECMOE_EXPECTS(!(s.bits & kernels::device_error_expert_out_of_range), errc::expert_out_of_range,
                     "routing names an expert id outside [-1, ", config_.num_experts, ") at token ", s.first_token,
                     " (first flagged); the output was not written");
+    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_duplicate_expert), errc::expert_out_of_range,
+                    "routing names the same expert twice for token ", s.first_token,
+                    " (first flagged); the output was not written");
     SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_logit), errc::non_finite, "router logits of token ",
                     s.first_token, " (first flagged) are not finite (NaN or Inf); the output was not written");
     SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_weight), errc::non_finite,
@@ -191,7 +230,9 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   }
 
   /// @brief forward_async, then check: returns when `out` holds the result.
-  void forward(cuda_batch const& batch, matrix_view<bf16> out, cudaStream_t stream = nullptr,
+  template <class T>
+    requires(std::is_same_v<T, bf16> || std::is_same_v<T, float>)
+  void forward(basic_cuda_batch<T> const& batch, matrix_view<T> out, cudaStream_t stream = nullptr,
                cuda_routing_output routing_out = {}) {
     forward_async(batch, out, stream, routing_out);
     check(stream);
@@ -219,13 +260,16 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto const S = static_cast<std::size_t>(config_.num_shared_experts);
     auto const SF = static_cast<std::size_t>(config_.shared_ffn_size);
     auto const slots = N * k;
+    bool const f32 = options_.fp32_activations;
+    std::size_t const y_elem = f32 ? 4 : 2;  // expert outputs: fp32 when fp32 activations may come
     auto const sort_bytes = kernels::layout_sort_temp_bytes(static_cast<long long>(slots), config_.num_experts);
     auto size = [](std::size_t bytes) { return (bytes + 255) / 256 * 256; };
     std::size_t const cublas_ws = 4u << 20;
     workspace_bytes_ = size(2 * sizeof(kernels::device_status)) + size(N * E * 4) + size(slots * 4) * 7 +
                        size((E + 1) * 8) + size(sort_bytes) + size(slots * H * 2) + size(slots * F * 2) +
-                       size(slots * H * 2) + size(3 * E * sizeof(void*)) + size(3 * S * sizeof(void*)) + size(16) +
-                       size(N * SF * 2) + size(S * N * H * 2) + size(E * 4) + cublas_ws;
+                       size(slots * H * y_elem) + size(3 * E * sizeof(void*)) + size(3 * S * sizeof(void*)) + size(16) +
+                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + cublas_ws +
+                       (f32 ? size(E * H * 4) + size(S > 0 ? N * H * 2 : 0) : 0);
     SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, workspace_bytes_));
     auto* cursor = static_cast<std::byte*>(workspace_);
     status_ = carve<kernels::device_status>(cursor, 1);
@@ -243,7 +287,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     layout_.sort_temp_bytes = sort_bytes;
     xp_ = carve<__nv_bfloat16>(cursor, slots * H);
     h_ = carve<__nv_bfloat16>(cursor, slots * F);
-    y_ = carve<__nv_bfloat16>(cursor, slots * H);
+    y_ = carve<std::byte>(cursor, slots * H * y_elem);
     auto** tables = carve<__nv_bfloat16 const*>(cursor, 3 * E);
     gate_ptrs_ = tables;
     up_ptrs_ = tables + E;
@@ -254,13 +298,27 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     shared_down_ptrs_ = shared_tables + 2 * S;
     shared_offsets_ = carve<std::int64_t>(cursor, 2);
     shared_h_ = carve<__nv_bfloat16>(cursor, N * SF);
-    shared_y_ = carve<__nv_bfloat16>(cursor, S * N * H);
+    shared_y_ = carve<std::byte>(cursor, S * N * H * y_elem);
     bias_ = nullptr;
     if (config_.gate.has_score_bias) {
       bias_ = carve<float>(cursor, E);
       SPECMOE_CUDA_TRY(cudaMemcpy(bias_, weights_.router.score_bias.data(), E * 4, cudaMemcpyDefault));
     }
     cublas_workspace_ = carve<std::byte>(cursor, cublas_ws);
+    if (f32) {
+      router_f32_ = carve<float>(cursor, E * H);
+      if (S > 0) x_bf16_ = carve<__nv_bfloat16>(cursor, N * H);
+      // The fp32 router reads the bf16 router weights widened once (dense [E, H]).
+      std::vector<bf16> r16(E * H);
+      auto const& rw = weights_.router.weight;
+      for (std::size_t e = 0; e < E; ++e) {
+        SPECMOE_CUDA_TRY(cudaMemcpy(r16.data() + e * H, rw.data + static_cast<std::int64_t>(e) * rw.stride, H * sizeof(bf16),
+                                    cudaMemcpyDefault));
+      }
+      std::vector<float> r32(r16.size());
+      for (std::size_t i = 0; i < r16.size(); ++i) r32[i] = static_cast<float>(r16[i]);
+      SPECMOE_CUDA_TRY(cudaMemcpy(router_f32_, r32.data(), r32.size() * 4, cudaMemcpyHostToDevice));
+    }
 
     kernels::device_status const clean{0, 0, (1ll << 62)};
     SPECMOE_CUDA_TRY(cudaMemcpy(clean_status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
@@ -275,19 +333,33 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto upload = [](__nv_bfloat16 const** dst, std::vector<__nv_bfloat16 const*> const& src) {
       if (!src.empty()) SPECMOE_CUDA_TRY(cudaMemcpy(dst, src.data(), src.size() * sizeof(void*), cudaMemcpyHostToDevice));
     };
-    upload(gate_ptrs_, table(weights_.experts.gate, E));
-    upload(up_ptrs_, table(weights_.experts.up, E));
-    upload(down_ptrs_, table(weights_.experts.down, E));
+    auto const gate_tab = table(weights_.experts.gate, E), up_tab = table(weights_.experts.up, E),
+               down_tab = table(weights_.experts.down, E);
+    upload(gate_ptrs_, gate_tab);
+    upload(up_ptrs_, up_tab);
+    upload(down_ptrs_, down_tab);
     gate_up_ld_ = weights_.experts.gate.row_stride;
     SPECMOE_EXPECTS(weights_.experts.up.row_stride == gate_up_ld_, errc::unsupported,
                     "experts.gate and experts.up need the same row stride");
     down_ld_ = weights_.experts.down.row_stride;
+    // Tensor maps of the same weights enable the Hopper wgmma path for large groups; where they
+    // cannot be built (not sm_90, driver entry point missing) the launches use the other paths.
+    auto const Ei = static_cast<int>(E), Hi = static_cast<int>(H), Fi = static_cast<int>(F);
+    gate_up_maps_ = kernels::grouped_weight_maps(gate_tab.data(), up_tab.data(), Ei, Fi, Hi, gate_up_ld_);
+    down_maps_ = kernels::grouped_weight_maps(down_tab.data(), Ei, Hi, Fi, down_ld_);
     if (S > 0) {
-      upload(shared_gate_ptrs_, table(weights_.shared.gate, S));
-      upload(shared_up_ptrs_, table(weights_.shared.up, S));
-      upload(shared_down_ptrs_, table(weights_.shared.down, S));
+      auto const sg = table(weights_.shared.gate, S), su = table(weights_.shared.up, S), sd = table(weights_.shared.down, S);
+      upload(shared_gate_ptrs_, sg);
+      upload(shared_up_ptrs_, su);
+      upload(shared_down_ptrs_, sd);
       shared_gate_up_ld_ = weights_.shared.gate.row_stride;
       shared_down_ld_ = weights_.shared.down.row_stride;
+      auto const SFi = static_cast<int>(SF);
+      shared_maps_.clear();
+      for (std::size_t s = 0; s < S; ++s) {  // one group each: shared expert s runs as its own launch
+        shared_maps_.emplace_back(sg.data() + s, su.data() + s, 1, SFi, Hi, shared_gate_up_ld_);
+        shared_maps_.emplace_back(sd.data() + s, 1, Hi, SFi, shared_down_ld_);
+      }
     }
     SPECMOE_CUBLAS_TRY(cublasCreate(&cublas_));
     // A fixed cuBLAS workspace keeps the logits GEMM capturable in a CUDA graph.
@@ -316,7 +388,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   kernels::layout_buffers layout_{};
   __nv_bfloat16* xp_ = nullptr;
   __nv_bfloat16* h_ = nullptr;
-  __nv_bfloat16* y_ = nullptr;
+  std::byte* y_ = nullptr;  // [max_slots, H] bf16, or fp32 with fp32_activations
   __nv_bfloat16 const** gate_ptrs_ = nullptr;
   __nv_bfloat16 const** up_ptrs_ = nullptr;
   __nv_bfloat16 const** down_ptrs_ = nullptr;
@@ -325,9 +397,13 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   __nv_bfloat16 const** shared_down_ptrs_ = nullptr;
   std::int64_t* shared_offsets_ = nullptr;
   __nv_bfloat16* shared_h_ = nullptr;
-  __nv_bfloat16* shared_y_ = nullptr;
+  std::byte* shared_y_ = nullptr;  // [S, max_tokens, H] bf16 or fp32, as y_
+  float* router_f32_ = nullptr;    // fp32_activations: the router weights widened, [E, H]
+  __nv_bfloat16* x_bf16_ = nullptr;  // fp32_activations with shared experts: x rounded to bf16
   float* bias_ = nullptr;
   std::byte* cublas_workspace_ = nullptr;
+  kernels::grouped_weight_maps gate_up_maps_, down_maps_;
+  std::vector<kernels::grouped_weight_maps> shared_maps_;  // per shared expert: gate_up, down
   std::int64_t gate_up_ld_ = 0, down_ld_ = 0, shared_gate_up_ld_ = 0, shared_down_ld_ = 0;
 };
 

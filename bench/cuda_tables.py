@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""cuda_tables.py DIR: markdown tables for docs/benchmarks.md from one bench/run_cuda.sh output folder.
+
+Reads DIR/layer.json (specmoe_layer_cuda_moe_layer_bench), DIR/torch_peers.json (torch_peers.py) and
+DIR/routing.json (specmoe_kernels_routing_kernels_bench); an optional second folder supplies the
+transformers rows when the first run skipped them (SPECMOE_PEERS_SKIP_TRANSFORMERS).
+"""
+import json
+import os
+import sys
+
+MODEL_OF = {"mixtral": "mixtral", "qwen3_30b_a3b": "qwen3_30b_a3b", "deepseek_v3": "deepseek_v3",
+            "deepseek_v3_slice32": "deepseek_v3_slice32"}
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def layer_table(d, extra):
+    layer = load(os.path.join(d, "layer.json"))
+    peers = {}
+    for src in [d] + extra:
+        p = os.path.join(src, "torch_peers.json")
+        if os.path.exists(p):
+            for r in load(p)["rows"]:
+                if r.get("us") is not None:
+                    peers.setdefault((r["model"], r["tokens"], r["impl"]), r["us"])
+    print("| model | tokens | rows | ours (µs) | floor (µs) | × floor | torch grouped_mm, graph (µs) | × ours | "
+          "torch grouped_mm, eager (µs) | transformers block, eager (µs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b in layer["benchmarks"]:
+        name, tokens = b["name"].split("/")[:2]
+        tokens = int(tokens)
+        us = b["real_time"]
+        g = peers.get((name, tokens, "torch_grouped_mm_graph"))
+        e = peers.get((name, tokens, "torch_grouped_mm"))
+        t = peers.get((name, tokens, "transformers"))
+        fmt = lambda v: f"{v:.1f}" if v is not None else "—"
+        print(f"| {name} | {tokens} | {int(b['rows'])} | {us:.1f} | {b['floor_us']:.1f} | {us / b['floor_us']:.2f} | {fmt(g)} | "
+              f"{(g / us if g else float('nan')):.2f} | {fmt(e)} | {fmt(t)} |")
+
+
+def routing_table(d):
+    r = load(os.path.join(d, "routing.json"))
+    rows = {}
+    for b in r["benchmarks"]:
+        if b.get("error_occurred"):
+            continue
+        kernel, shape, tokens = b["name"].split("/")[:3]
+        rows.setdefault((shape, int(tokens)), {})[kernel] = b["real_time"]
+    kernels = ["gate", "layout_single_block", "layout_device_sort", "gather", "combine"]
+    print("| shape | tokens | " + " | ".join(k + " (µs)" for k in kernels) + " | gate+layout+gather+combine (µs) |")
+    print("|---|---|" + "---|" * (len(kernels) + 1))
+    for (shape, tokens), v in rows.items():
+        layout = min(x for x in (v.get("layout_single_block"), v.get("layout_device_sort")) if x is not None)
+        total = v["gate"] + layout + v["gather"] + v["combine"]
+        cells = " | ".join(f"{v[k]:.1f}" if k in v else "—" for k in kernels)
+        print(f"| {shape} | {tokens} | {cells} | {total:.1f} |")
+
+
+if __name__ == "__main__":
+    d = sys.argv[1]
+    extra = sys.argv[2:]
+    layer_table(d, extra)
+    print()
+    routing_table(d)

@@ -1,0 +1,422 @@
+// specmoe/kernels/detail/grouped_wgmma.cuh: the wgmma path of the grouped expert GEMMs (sm_90a),
+// included by kernels/grouped_gemm.cuh.
+//
+// One persistent block per SM walks the (row tile, column tile) list of all groups. Warp-specialised:
+// warpgroup 0 (one thread) issues TMA loads, warpgroups 1 and 2 each own 64 rows of a 128 x 256
+// tile and run wgmma.m64n256k16 (fp32 accumulators in registers) on 128B-swizzled shared memory.
+// 4 stages of (A 128x64, B 256x64) bf16 = 192 KiB, a full and an empty mbarrier per stage; the
+// producer runs ahead into the next tile while the consumers store the last one.
+//
+// Tried and dropped: an L2 prefetch stream (cp.async.bulk.prefetch.tensor, 8 k tiles ahead, plus
+// prefetch.tensormap of the next tile) made every shape 2-3x slower on an H100.
+//
+// A (activations, [M_total, K]) comes through one tensor map encoded at launch; the weights through
+// one tensor map per group and matrix, encoded once on the host (grouped_weight_maps). Rows past
+// M_total, columns past N and k past K are zero-filled by TMA; rows of the next group inside a tile
+// are computed but never stored.
+#pragma once
+
+#include <cuda.h>          // CUtensorMap and its enums (types only: the encoder comes through the runtime)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+// wgmma and setmaxnreg exist only in sm_90a code; other targets get an empty kernel that the
+// host side recognises (launch_wgmma refuses it) and never launches.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SPECMOE_GROUPED_WGMMA_DEVICE 1
+#else
+#define SPECMOE_GROUPED_WGMMA_DEVICE 0
+#endif
+
+namespace specmoe::kernels::wgmma_detail {
+
+using bf16 = __nv_bfloat16;
+
+inline constexpr int bm = 128, bn = 256, bk = 64, stages = 4, band = 8;
+inline constexpr int threads = 384;                       // producer warpgroup + 2 consumer warpgroups
+inline constexpr int box_rows = 128;                      // one TMA box: 64 k x 128 rows = 16 KiB
+inline constexpr int box_bytes = box_rows * bk * 2;
+inline constexpr int a_bytes = bm * bk * 2;               // 16 KiB
+inline constexpr int stage_bytes = a_bytes + bn * bk * 2;  // 48 KiB
+inline constexpr int min_real_regs = 64;                  // the real kernel needs ~168; the stub a few
+
+/// Dynamic shared memory: 1 KiB alignment slack, the stages, 2 mbarriers a stage, pre[G + 1].
+constexpr std::size_t smem_bytes(int G) {
+  return 1024 + static_cast<std::size_t>(stages) * stage_bytes + 16 * stages + 4 * (static_cast<std::size_t>(G) + 1);
+}
+
+#if SPECMOE_GROUPED_WGMMA_DEVICE
+__device__ __forceinline__ std::uint32_t smem_u32(void const* p) { return static_cast<std::uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(std::uint32_t bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  std::uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+/// TMA: box (c0 = k, c1 = row) of `map` into shared memory at dst, completing on bar.
+__device__ __forceinline__ void tma_load(std::uint32_t dst, CUtensorMap const* map, std::uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+/// Shared-memory matrix descriptor: K-major, 128B swizzle, 8-row groups 1024 bytes apart (LBO unused).
+__device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr) {
+  return static_cast<std::uint64_t>((addr & 0x3FFFFu) >> 4) | (std::uint64_t{1} << 16) | (std::uint64_t{1024 >> 4} << 32) |
+         (std::uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+/// d[64 x 256] (+)= A[64 x 16] . B[256 x 16]^T, both K-major in shared memory; scale_d = 0 overwrites d.
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t da, std::uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+/// Pins the accumulators: the compiler may not move their reads across this point.
+__device__ __forceinline__ void fence_acc(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void store2(bf16* p, float a, float b) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b); }
+__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+struct tile {
+  std::int64_t m0;  // first row
+  int g, mrows, n0;
+};
+
+/// Tile `lin` of the walk: bands of `band` row tiles, rows fastest within a band (a weight tile is
+/// then read from HBM about once per band). pre[g] = row tiles of groups < g.
+__device__ __forceinline__ tile locate(long long lin, int const* pre, int G, int total_tiles, int n_tiles, int out_per_tile,
+                                       std::int64_t const* __restrict__ offsets) {
+  long long const per_band = static_cast<long long>(band) * n_tiles;
+  int const b = static_cast<int>(lin / per_band);
+  int const r = static_cast<int>(lin - b * per_band);
+  int const h = min(band, total_tiles - b * band);
+  int const mt = b * band + r % h;
+  int lo = 0, hi = G;  // pre[lo] <= mt < pre[hi]
+  while (hi - lo > 1) {
+    int const mid = (lo + hi) >> 1;
+    if (pre[mid] <= mt) lo = mid; else hi = mid;
+  }
+  tile t;
+  t.g = lo;
+  t.m0 = offsets[lo] + static_cast<std::int64_t>(mt - pre[lo]) * bm;
+  std::int64_t const left = offsets[lo + 1] - t.m0;
+  t.mrows = static_cast<int>(left < bm ? left : bm);
+  t.n0 = (r / h) * out_per_tile;
+  return t;
+}
+#endif  // SPECMOE_GROUPED_WGMMA_DEVICE
+
+/// SWIGLU: B rows 0..127 are gate rows n0.., rows 128..255 the up rows of the same outputs, so each
+/// thread holds g (column block j) and u (block j + 16) of one output; otherwise 256 rows of one
+/// matrix. w0_maps / w1_maps: G device-resident tensor maps each (w1 unused without SWIGLU).
+template <bool SWIGLU, class OutT>
+__global__ void __launch_bounds__(threads, 1)
+    grouped_wgmma_kernel(__grid_constant__ CUtensorMap const a_map, CUtensorMap const* __restrict__ w0_maps,
+                         CUtensorMap const* __restrict__ w1_maps, std::int64_t const* __restrict__ offsets, int G, int K, int N,
+                         OutT* __restrict__ out) {
+#if SPECMOE_GROUPED_WGMMA_DEVICE
+  extern __shared__ unsigned char smem_raw[];
+  using scan_t = cub::BlockScan<int, threads>;
+  __shared__ typename scan_t::TempStorage scan_storage;
+  std::uint32_t const raw = smem_u32(smem_raw);
+  std::uint32_t const base = (raw + 1023u) & ~1023u;  // 128B-swizzle atoms: 1 KiB aligned
+  unsigned char* const smem = smem_raw + (base - raw);
+  std::uint32_t const full0 = base + stages * stage_bytes;  // full[s] = full0 + 8 s
+  std::uint32_t const empty0 = full0 + 8 * stages;
+  int* const pre = reinterpret_cast<int*>(smem + stages * stage_bytes + 16 * stages);
+  int const tid = static_cast<int>(threadIdx.x);
+
+  // 1. row tiles per group, prefix-summed (once per block)
+  int carry = 0;
+  for (int b = 0; b < G; b += threads) {
+    int const g = b + tid;
+    int tiles = 0;
+    if (g < G) tiles = static_cast<int>((offsets[g + 1] - offsets[g] + bm - 1) / bm);
+    int incl = 0, total = 0;
+    scan_t(scan_storage).InclusiveSum(tiles, incl, total);
+    if (g < G) pre[g + 1] = carry + incl;
+    carry += total;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    pre[0] = 0;
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(full0 + 8 * s, 1);   // the producer's arrive.expect_tx
+      mbar_init(empty0 + 8 * s, 8);  // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  int const total_tiles = carry;
+  constexpr int out_per_tile = SWIGLU ? bn / 2 : bn;
+  int const n_tiles = (N + out_per_tile - 1) / out_per_tile;
+  long long const work = static_cast<long long>(total_tiles) * n_tiles;
+  int const k_tiles = (K + bk - 1) / bk;
+  int const wg = tid / 128;
+
+  if (wg == 0) {
+    // 2. producer: one thread keeps the ring of stages full
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {
+      int stage = 0;
+      std::uint32_t phase = 0;
+      for (long long lin = blockIdx.x; lin < work; lin += gridDim.x) {
+        tile const t = locate(lin, pre, G, total_tiles, n_tiles, out_per_tile, offsets);
+        CUtensorMap const* const m0 = w0_maps + t.g;
+        CUtensorMap const* const m1 = SWIGLU ? w1_maps + t.g : m0;
+        int const row1 = SWIGLU ? t.n0 : t.n0 + box_rows;
+        bool const load1 = row1 < N;  // down: the second half of B may lie wholly past N (never stored)
+        std::uint32_t const bytes = load1 ? stage_bytes : stage_bytes - box_bytes;
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          mbar_wait(empty0 + 8 * stage, phase ^ 1u);
+          std::uint32_t const fb = full0 + 8 * stage;
+          std::uint32_t const s = base + stage * stage_bytes;
+          mbar_expect_tx(fb, bytes);
+          tma_load(s, &a_map, fb, kt * bk, static_cast<int>(t.m0));
+          tma_load(s + a_bytes, m0, fb, kt * bk, t.n0);
+          if (load1) tma_load(s + a_bytes + box_bytes, m1, fb, kt * bk, row1);
+          if (++stage == stages) {
+            stage = 0;
+            phase ^= 1u;
+          }
+        }
+      }
+    }
+  } else {
+    // 3. consumers: warpgroup wg owns tile rows (wg - 1) * 64 .. + 63
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    int const warp = (tid >> 5) & 3, lane = tid & 31;
+    std::uint32_t const a_off = static_cast<std::uint32_t>(wg - 1) * 64 * 128;
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    int stage = 0;
+    std::uint32_t phase = 0;
+    for (long long lin = blockIdx.x; lin < work; lin += gridDim.x) {
+      tile const t = locate(lin, pre, G, total_tiles, n_tiles, out_per_tile, offsets);
+      int prev = 0;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(full0 + 8 * stage, phase);
+        std::uint32_t const s = base + stage * stage_bytes;
+        std::uint64_t const da = smem_desc(s + a_off);
+        std::uint64_t const db = smem_desc(s + a_bytes);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < bk / 16; ++kk) {
+          // +32 bytes along the swizzled row per k16 step: +2 in the descriptor's address field
+          wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // k tile kt - 1 is done: its stage may be refilled
+        if (kt > 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
+        prev = stage;
+        if (++stage == stages) {
+          stage = 0;
+          phase ^= 1u;
+        }
+      }
+      wgmma_wait<0>();
+      fence_acc(acc);
+      if (lane == 0) mbar_arrive(empty0 + 8 * prev);
+
+      // 4. epilogue straight from the accumulators: d[4j + e] is row r (e < 2) or r + 8, column 8j + 2 (lane % 4) + e % 2
+      int const r = (wg - 1) * 64 + warp * 16 + (lane >> 2);
+      int const c = 2 * (lane & 3);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        int const row = r + half * 8;
+        if (row >= t.mrows) continue;
+        OutT* const orow = out + (t.m0 + row) * static_cast<std::int64_t>(N);
+        if constexpr (SWIGLU) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            int const col = t.n0 + 8 * j + c;
+            if (col < N) {
+              store2(orow + col, silu_mul(acc[4 * j + 2 * half], acc[4 * (j + 16) + 2 * half]),
+                     silu_mul(acc[4 * j + 2 * half + 1], acc[4 * (j + 16) + 2 * half + 1]));
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            int const col = t.n0 + 8 * j + c;
+            if (col < N) store2(orow + col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+          }
+        }
+      }
+    }
+  }
+#else
+  (void)a_map, (void)w0_maps, (void)w1_maps, (void)offsets, (void)G, (void)K, (void)N, (void)out;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------
+
+/// cuTensorMapEncodeTiled through the runtime's entry-point query (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 const fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      p = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+/// The map of a row-major bf16 [rows, K] matrix with row stride ld elements: boxes of 64 k x 128
+/// rows, 128B swizzle, zero fill outside. Needs 16-byte aligned base, ld % 8 == 0.
+inline cudaError_t encode_rows(CUtensorMap& map, void const* base, std::uint64_t rows, std::uint64_t K, std::uint64_t ld) {
+  auto const encode = tensor_map_encoder();
+  if (!encode) return cudaErrorNotSupported;
+  if (rows == 0 || rows > (std::uint64_t{1} << 31) || K == 0 || ld < K || ld % 8 != 0 || (reinterpret_cast<std::uintptr_t>(base) & 15u) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  cuuint64_t dims[2] = {K, rows};
+  cuuint64_t strides[1] = {ld * 2};
+  cuuint32_t box[2] = {bk, box_rows};
+  cuuint32_t elem[2] = {1, 1};
+  CUresult const r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+/// Multiprocessors of the current device if it is an sm_90 (Hopper) part, else 0; queried once per device.
+inline int hopper_sms() {
+  static std::atomic<int> cache[64] = {};  // 1 + value; 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0, sms = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return 0;
+    }
+    v = 1 + (major == 9 && minor == 0 ? sms : 0);
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v - 1;
+}
+
+/// Once per kernel instance: whether this binary holds its sm_90a body, and the largest dynamic
+/// shared memory it may use (the opt-in limit less its static part).
+struct kernel_info {
+  cudaError_t err;
+  bool real;
+  std::size_t max_dynamic;
+};
+
+template <bool SWIGLU, class OutT>
+kernel_info const& info() {
+  static kernel_info const k = [] {
+    auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT>;
+    kernel_info r{cudaSuccess, false, 0};
+    cudaFuncAttributes a{};
+    int dev = 0, optin = 0;
+    r.err = cudaFuncGetAttributes(&a, kernel);
+    if (r.err == cudaSuccess) r.err = cudaGetDevice(&dev);
+    if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (r.err != cudaSuccess) return r;
+    r.real = a.numRegs >= min_real_regs;
+    r.max_dynamic = static_cast<std::size_t>(optin) > a.sharedSizeBytes ? static_cast<std::size_t>(optin) - a.sharedSizeBytes : 0;
+    if (r.real) r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(r.max_dynamic));
+    return r;
+  }();
+  return k;
+}
+
+/// True when launch() below can run this problem on the current device (else the caller falls back).
+template <bool SWIGLU, class OutT>
+bool can_launch(int G, std::int64_t M_total) {
+  if (hopper_sms() <= 0 || M_total > 0x7fffffffLL || !tensor_map_encoder()) return false;
+  kernel_info const& k = info<SWIGLU, OutT>();
+  return k.err == cudaSuccess && k.real && smem_bytes(G) <= k.max_dynamic;
+}
+
+/// Validated by the caller (grouped_gemm_detail::launch) and by can_launch.
+template <bool SWIGLU, class OutT>
+cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, CUtensorMap const* w0_maps,
+                   CUtensorMap const* w1_maps, int K, int N, OutT* out, cudaStream_t stream) {
+  CUtensorMap a_map;
+  if (cudaError_t const e = encode_rows(a_map, a, static_cast<std::uint64_t>(M_total), static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(K));
+      e != cudaSuccess) {
+    return e;
+  }
+  constexpr int out_per_tile = SWIGLU ? bn / 2 : bn;
+  std::int64_t const n_tiles = (N + out_per_tile - 1) / out_per_tile;
+  std::int64_t m_tiles = (M_total + static_cast<std::int64_t>(G) * (bm - 1)) / bm;  // >= sum_g ceil(n_g / BM)
+  if (m_tiles > M_total) m_tiles = M_total;
+  std::int64_t const tiles = m_tiles * n_tiles;
+  if (tiles > 0x7fffffffLL) return cudaErrorInvalidValue;
+  int const sms = hopper_sms();
+  auto const grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
+  grouped_wgmma_kernel<SWIGLU, OutT><<<grid, threads, smem_bytes(G), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out);
+  return cudaGetLastError();
+}
+
+}  // namespace specmoe::kernels::wgmma_detail
+
+#undef SPECMOE_GROUPED_WGMMA_DEVICE
