@@ -1,8 +1,10 @@
 // Grouped expert GEMMs (kernels/grouped_gemm.cuh) against the host arithmetic of detail/host/ffn.hpp.
+// Host-compiled: the launches go through grouped_gemm_gpu.cu (no Catch2 under nvcc, see
+// tests/CMakeLists.txt).
 #include "catch.hpp"
+#include "kernels/grouped_gemm_gpu.hpp"
 
 #include <specmoe/core/bfloat16.hpp>
-#include <specmoe/kernels/grouped_gemm.cuh>
 
 #include <cuda_runtime.h>
 
@@ -16,9 +18,9 @@
 
 namespace {
 
-namespace sk = specmoe::kernels;
 using specmoe::bf16;
-using dbf16 = __nv_bfloat16;
+using gg_test::path;
+using dptr = void const*;  // a device bf16 pointer, as the wrapper takes it
 
 #define GG_CHECK(call)                                                          \
   do {                                                                          \
@@ -166,11 +168,11 @@ std::string describe(problem const& p) {
          (p.fused_w13 ? " w13" : " separate");
 }
 
-char const* path_name(sk::grouped_gemm_path p) {
+char const* path_name(path p) {
   switch (p) {
-    case sk::grouped_gemm_path::stream: return "stream";
-    case sk::grouped_gemm_path::mma: return "mma";
-    case sk::grouped_gemm_path::wgmma: return "wgmma";
+    case path::stream: return "stream";
+    case path::mma: return "mma";
+    case path::wgmma: return "wgmma";
     default: return "automatic";
   }
 }
@@ -186,8 +188,8 @@ struct fixture {
   dev_buf<float> d_yf;
   dev_buf<bf16> d_y;
   dev_buf<std::int64_t> d_off;
-  dev_buf<dbf16 const*> d_pg, d_pu, d_pd;
-  sk::grouped_weight_maps maps_up, maps_down;  // the same pointers as tensor maps (wgmma path)
+  dev_buf<dptr> d_pg, d_pu, d_pd;
+  gg_test::weight_maps_ptr maps_up, maps_down;  // the same pointers as tensor maps (wgmma path)
 
   static std::int64_t pad(int k, bool fused) { return fused ? k : k + 24; }
 
@@ -230,10 +232,10 @@ struct fixture {
     GG_CHECK(cudaMemcpy(d_wd.p, wd.data(), wd.size() * 2, cudaMemcpyHostToDevice));
     GG_CHECK(cudaMemcpy(d_off.p, off.data(), off.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice));
     // groups point at their slots in reverse order: the kernels must follow the pointers
-    std::vector<dbf16 const*> pg(static_cast<std::size_t>(p.G)), pu(pg.size()), pd(pg.size());
-    auto const* gu = reinterpret_cast<dbf16 const*>(d_wgu.p);
-    auto const* us = reinterpret_cast<dbf16 const*>(d_wu.p);
-    auto const* dd = reinterpret_cast<dbf16 const*>(d_wd.p);
+    std::vector<dptr> pg(static_cast<std::size_t>(p.G)), pu(pg.size()), pd(pg.size());
+    bf16 const* gu = d_wgu.p;
+    bf16 const* us = d_wu.p;
+    bf16 const* dd = d_wd.p;
     for (int g = 0; g < p.G; ++g) {
       int const slot = p.G - 1 - g;
       pg[static_cast<std::size_t>(g)] = gu + slot * stride_up;
@@ -243,10 +245,10 @@ struct fixture {
     GG_CHECK(cudaMemcpy(d_pg.p, pg.data(), pg.size() * sizeof(void*), cudaMemcpyHostToDevice));
     GG_CHECK(cudaMemcpy(d_pu.p, pu.data(), pu.size() * sizeof(void*), cudaMemcpyHostToDevice));
     GG_CHECK(cudaMemcpy(d_pd.p, pd.data(), pd.size() * sizeof(void*), cudaMemcpyHostToDevice));
-    maps_up = sk::grouped_weight_maps(pg.data(), pu.data(), p.G, p.F, p.K, ld_up);
-    maps_down = sk::grouped_weight_maps(pd.data(), p.G, p.N, p.F, ld_down);
-    GG_CHECK(maps_up.status());
-    GG_CHECK(maps_down.status());
+    maps_up = gg_test::make_gate_up_maps(pg.data(), pu.data(), p.G, p.F, p.K, ld_up);
+    maps_down = gg_test::make_down_maps(pd.data(), p.G, p.N, p.F, ld_down);
+    GG_CHECK(gg_test::maps_status(maps_up.get()));
+    GG_CHECK(gg_test::maps_status(maps_down.get()));
 
     // host reference of h, on the weights as the groups see them (reversed slots)
     std::vector<bf16> wg_g(static_cast<std::size_t>(p.G * stride_up)), wu_g(wg_g.size());
@@ -275,17 +277,14 @@ struct fixture {
     return w;
   }
 
-  cudaError_t gate_up(sk::grouped_gemm_path path, cudaStream_t s) {
-    return sk::launch_grouped_gate_up_swiglu(reinterpret_cast<dbf16 const*>(d_x.p), d_off.p, p.G, p.M_total, d_pg.p, d_pu.p, ld_up, p.K, p.F,
-                                             reinterpret_cast<dbf16*>(d_h.p), s, path, &maps_up);
+  cudaError_t gate_up(path pa, cudaStream_t s) {
+    return gg_test::gate_up(d_x.p, d_off.p, p.G, p.M_total, d_pg.p, d_pu.p, ld_up, p.K, p.F, d_h.p, s, pa, maps_up.get());
   }
-  cudaError_t down(sk::grouped_gemm_path path, cudaStream_t s) {
-    return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N,
-                                   reinterpret_cast<dbf16*>(d_y.p), s, path, &maps_down);
+  cudaError_t down(path pa, cudaStream_t s) {
+    return gg_test::down(d_h.p, d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_y.p, s, pa, maps_down.get());
   }
-  cudaError_t down_f32(sk::grouped_gemm_path path, cudaStream_t s) {
-    return sk::launch_grouped_down(reinterpret_cast<dbf16 const*>(d_h.p), d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, path,
-                                   &maps_down);
+  cudaError_t down_f32(path pa, cudaStream_t s) {
+    return gg_test::down_f32(d_h.p, d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, pa, maps_down.get());
   }
   void poison() {
     GG_CHECK(cudaMemset(d_h.p, 0xFF, d_h.n * 2));
@@ -364,9 +363,9 @@ TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on eve
   std::mt19937_64 rng(20261123);
   for (auto const& pr : problems()) {
     fixture fx(pr, rng);
-    for (auto const path : {sk::grouped_gemm_path::automatic, sk::grouped_gemm_path::stream, sk::grouped_gemm_path::mma,
-                            sk::grouped_gemm_path::wgmma}) {
-      if (path == sk::grouped_gemm_path::wgmma && !sm90) continue;
+    for (auto const path : {path::automatic, path::stream, path::mma,
+                            path::wgmma}) {
+      if (path == path::wgmma && !sm90) continue;
       std::string const what = describe(pr) + " path=" + path_name(path);
       INFO(what);
       fx.poison();
@@ -388,8 +387,8 @@ TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result"
                          problem{8, 4, 4, 256, 128, 128, sizes_kind::random, true},
                          problem{8, 2048, 2000, 256, 256, 256, sizes_kind::with_empty, true}}) {
     fixture fx(pr, rng);
-    for (auto const path : {sk::grouped_gemm_path::automatic, sk::grouped_gemm_path::wgmma}) {
-      if (path == sk::grouped_gemm_path::wgmma && !sm90) continue;
+    for (auto const path : {path::automatic, path::wgmma}) {
+      if (path == path::wgmma && !sm90) continue;
       std::string const what = describe(pr) + " path=" + path_name(path) + " graph";
       INFO(what);
       cudaStream_t s = nullptr;
@@ -426,20 +425,21 @@ TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
   std::mt19937_64 rng(3);
   fixture fx(problem{8, 16, 16, 64, 64, 64, sizes_kind::random, true}, rng);
-  auto const* x = reinterpret_cast<dbf16 const*>(fx.d_x.p);
-  auto* h = reinterpret_cast<dbf16*>(fx.d_h.p);
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 60, 64, h, nullptr) == cudaErrorInvalidValue);
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 0, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr) == cudaErrorInvalidValue);
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 32, 64, 64, h, nullptr) == cudaErrorInvalidValue);
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 0, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr) == cudaSuccess);
+  void const* x = fx.d_x.p;
+  void* h = fx.d_h.p;
+  auto const au = path::automatic;
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 60, 64, h, nullptr, au, nullptr) == cudaErrorInvalidValue);
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 0, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, au, nullptr) == cudaErrorInvalidValue);
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 32, 64, 64, h, nullptr, au, nullptr) == cudaErrorInvalidValue);
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 8, 0, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, au, nullptr) == cudaSuccess);
   // wgmma: no maps, or maps built for another shape
-  auto const wg = sk::grouped_gemm_path::wgmma;
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, wg) == cudaErrorInvalidValue);
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, wg, &fx.maps_down) ==
+  auto const wg = path::wgmma;
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, wg, nullptr) == cudaErrorInvalidValue);
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 64, h, nullptr, wg, fx.maps_down.get()) ==
         cudaErrorInvalidValue);
-  CHECK(sk::launch_grouped_gate_up_swiglu(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 56, h, nullptr, wg, &fx.maps_up) ==
+  CHECK(gg_test::gate_up(x, fx.d_off.p, 8, 16, fx.d_pg.p, fx.d_pu.p, 64, 64, 56, h, nullptr, wg, fx.maps_up.get()) ==
         cudaErrorInvalidValue);
-  CHECK(sk::grouped_weight_maps().status() != cudaSuccess);
+  CHECK(gg_test::maps_status(gg_test::make_empty_maps().get()) != cudaSuccess);
   GG_CHECK(cudaGetLastError());
-  CHECK(sk::grouped_gemm_workspace_bytes(8, 16) == 0);
+  CHECK(gg_test::workspace_bytes(8, 16) == 0);
 }

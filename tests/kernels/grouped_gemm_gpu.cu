@@ -1,0 +1,58 @@
+// tests/kernels/grouped_gemm_gpu.cu: the Catch2-free side of the grouped-GEMM test (see the header).
+#include "grouped_gemm_gpu.hpp"
+
+#include <specmoe/kernels/grouped_gemm.cuh>
+
+namespace gg_test {
+
+namespace sk = specmoe::kernels;
+using dbf16 = __nv_bfloat16;
+
+struct weight_maps {
+  sk::grouped_weight_maps maps;
+};
+
+void weight_maps_deleter::operator()(weight_maps* m) const noexcept { delete m; }
+
+namespace {
+sk::grouped_gemm_path to_sk(path p) {
+  switch (p) {
+    case path::stream: return sk::grouped_gemm_path::stream;
+    case path::mma: return sk::grouped_gemm_path::mma;
+    case path::wgmma: return sk::grouped_gemm_path::wgmma;
+    default: return sk::grouped_gemm_path::automatic;
+  }
+}
+dbf16 const* const* table(void const* const* t) { return reinterpret_cast<dbf16 const* const*>(t); }
+sk::grouped_weight_maps const* raw(weight_maps const* m) { return m ? &m->maps : nullptr; }
+}  // namespace
+
+weight_maps_ptr make_gate_up_maps(void const* const* w_gate, void const* const* w_up, int G, std::int64_t rows, int K, std::int64_t ld) {
+  return weight_maps_ptr(new weight_maps{sk::grouped_weight_maps(table(w_gate), table(w_up), G, rows, K, ld)});
+}
+weight_maps_ptr make_down_maps(void const* const* w, int G, std::int64_t rows, int K, std::int64_t ld) {
+  return weight_maps_ptr(new weight_maps{sk::grouped_weight_maps(table(w), G, rows, K, ld)});
+}
+weight_maps_ptr make_empty_maps() { return weight_maps_ptr(new weight_maps{}); }
+cudaError_t maps_status(weight_maps const* m) { return m->maps.status(); }
+
+cudaError_t gate_up(void const* x, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_gate,
+                    void const* const* w_up, std::int64_t ld, int K, int F, void* h, cudaStream_t stream, path p,
+                    weight_maps const* maps) {
+  return sk::launch_grouped_gate_up_swiglu(static_cast<dbf16 const*>(x), offsets, G, M_total, reinterpret_cast<dbf16 const* const*>(w_gate),
+                                           reinterpret_cast<dbf16 const* const*>(w_up), ld, K, F, static_cast<dbf16*>(h), stream, to_sk(p),
+                                           raw(maps));
+}
+cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,
+                 int F, int N, void* y_bf16, cudaStream_t stream, path p, weight_maps const* maps) {
+  return sk::launch_grouped_down(static_cast<dbf16 const*>(h), offsets, G, M_total, reinterpret_cast<dbf16 const* const*>(w_down), ld, F,
+                                 N, static_cast<dbf16*>(y_bf16), stream, to_sk(p), raw(maps));
+}
+cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down,
+                     std::int64_t ld, int F, int N, float* y, cudaStream_t stream, path p, weight_maps const* maps) {
+  return sk::launch_grouped_down(static_cast<dbf16 const*>(h), offsets, G, M_total, reinterpret_cast<dbf16 const* const*>(w_down), ld, F,
+                                 N, y, stream, to_sk(p), raw(maps));
+}
+std::size_t workspace_bytes(int G, std::int64_t M_total) { return sk::grouped_gemm_workspace_bytes(G, M_total); }
+
+}  // namespace gg_test
