@@ -14,8 +14,10 @@
 // Counters: TFLOPs, weight_GBps (bytes of the activated experts' weights / time), floor_ratio =
 //   time / max(bytes / measured HBM BW, flops / measured cuBLAS GEMM rate) where bytes = activated
 //   weights + activations in + out; vs_cublas = time / the cublas row's time (same run).
-// The ceilings are measured at start: a 1 GiB cudaMemcpy D2D (read + write bytes) and one
+// The ceilings are measured at start (bench/gpu_bench_support.cuh, medians of 7): a 1 GiB cudaMemcpy D2D (read + write bytes) and one
 // 8192^3 bf16 cublasGemmEx on random data. L2 is flushed (256 MiB memset) before each timed launch.
+#include "gpu_bench_support.cuh"
+
 #include <specmoe/kernels/grouped_gemm.cuh>
 
 #include <benchmark/benchmark.h>
@@ -53,21 +55,7 @@ void check(cublasStatus_t e, char const* what) {
 }
 #define CK(x) check((x), #x)
 
-__global__ void fill_random(bf16* p, std::size_t n, std::uint64_t seed, float scale) {
-  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    std::uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    float const u = (static_cast<float>(z & 0xFFFFFF) + 0.5f) / 16777216.0f - 0.5f;  // never 0
-    p[i] = __float2bfloat16_rn(u * 2.0f * scale);
-  }
-}
-
-void fill(bf16* p, std::size_t n, std::uint64_t seed, float scale) {
-  fill_random<<<1024, 256>>>(p, n, seed, scale);
-  CK(cudaGetLastError());
-}
+void fill(bf16* p, std::size_t n, std::uint64_t seed, float scale) { specmoe_bench::fill_random(p, n, seed, scale); }
 
 struct shape {
   char const* name;
@@ -86,8 +74,6 @@ double g_gemm_rate = 0.0;  // flop / s
 cublasHandle_t g_cublas = nullptr;
 cudaStream_t g_stream = nullptr;
 cudaEvent_t g_e0 = nullptr, g_e1 = nullptr;
-void* g_flush = nullptr;
-constexpr std::size_t flush_bytes = 256ull << 20;
 std::map<std::string, double> g_cublas_time;
 
 /// Weights of one model: w13 [E_alloc, 2F, H], wd [E_alloc, H, F]; pointer tables on the device.
@@ -243,7 +229,7 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
   double total_s = 0.0;
   std::int64_t iters = 0;
   for (auto _ : state) {
-    CK(cudaMemsetAsync(g_flush, static_cast<int>(iters & 0x7f), flush_bytes, g_stream));
+    specmoe_bench::l2_flush(g_stream);
     CK(cudaEventRecord(g_e0, g_stream));
     launch();
     CK(cudaEventRecord(g_e1, g_stream));
@@ -277,64 +263,16 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
 
 void bench(benchmark::State& state, shape const* s, bool gate_up, impl which, int tokens) { run_case(state, *s, gate_up, which, tokens); }
 
-void measure_ceilings() {
-  std::size_t const bytes = 1ull << 30;
-  void *a = nullptr, *b = nullptr;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMemset(a, 1, bytes));
-  std::vector<float> t;
-  for (int i = 0; i < 7; ++i) {
-    CK(cudaEventRecord(g_e0, g_stream));
-    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream));
-    CK(cudaEventRecord(g_e1, g_stream));
-    CK(cudaEventSynchronize(g_e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  g_hbm_bw = 2.0 * static_cast<double>(bytes) / (t[t.size() / 2] * 1e-3);
-  CK(cudaFree(a));
-  CK(cudaFree(b));
-
-  int const n = 8192;
-  bf16 *A = nullptr, *B = nullptr, *C = nullptr;
-  CK(cudaMalloc(&A, static_cast<std::size_t>(n) * n * 2));
-  CK(cudaMalloc(&B, static_cast<std::size_t>(n) * n * 2));
-  CK(cudaMalloc(&C, static_cast<std::size_t>(n) * n * 2));
-  fill(A, static_cast<std::size_t>(n) * n, 5, 1.0f);
-  fill(B, static_cast<std::size_t>(n) * n, 6, 1.0f);
-  t.clear();
-  for (int i = 0; i < 7; ++i) {
-    CK(cudaEventRecord(g_e0, g_stream));
-    cublas_rowmajor(A, B, C, n, n, n);
-    CK(cudaEventRecord(g_e1, g_stream));
-    CK(cudaEventSynchronize(g_e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  g_gemm_rate = 2.0 * n * static_cast<double>(n) * n / (t[t.size() / 2] * 1e-3);
-  CK(cudaFree(A));
-  CK(cudaFree(B));
-  CK(cudaFree(C));
-  std::printf("ceilings: HBM copy %.3f TB/s (read+write), cuBLAS bf16 8192^3 %.1f TFLOP/s\n", g_hbm_bw * 1e-12, g_gemm_rate * 1e-12);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
   CK(cudaEventCreate(&g_e0));
   CK(cudaEventCreate(&g_e1));
-  CK(cudaMalloc(&g_flush, flush_bytes));
   check(cublasCreate(&g_cublas), "cublasCreate");
   check(cublasSetStream(g_cublas, g_stream), "cublasSetStream");
-  measure_ceilings();
-  benchmark::AddCustomContext("hbm_copy_TBps", std::to_string(g_hbm_bw * 1e-12));
-  benchmark::AddCustomContext("cublas_bf16_TFLOPs", std::to_string(g_gemm_rate * 1e-12));
+  g_hbm_bw = specmoe_bench::measured_ceilings().hbm_bytes_per_s;
+  g_gemm_rate = specmoe_bench::measured_ceilings().gemm_flops_per_s;
   for (auto const& s : shapes) {
     for (int tokens : token_counts) {
       for (bool gate_up : {true, false}) {
