@@ -59,8 +59,9 @@ gpu_run run_gpu(moe_layer<cuda_space>& layer, std::vector<bf16> const& x, std::i
   return r;
 }
 
-// Norm-wise relative error per token under 1e-2, no NaN.
-void require_close(std::vector<bf16> const& got, std::vector<bf16> const& want, std::int64_t n, int H) {
+// Norm-wise relative error per token under 1e-2, no NaN (bf16 or fp32 activations).
+template <class T>
+void require_close(std::vector<T> const& got, std::vector<T> const& want, std::int64_t n, int H) {
   double worst = 0;
   for (std::int64_t t = 0; t < n; ++t) {
     double num = 0, den = 0;
@@ -185,20 +186,7 @@ TEST_CASE("cuda layer: fp32 activations equal the fp32 host reference within bf1
       std::vector<float> want(x.size());
       dense_reference<float>(cfg, host.weights(), matrix_view<float const>(x.data(), n, H), matrix_view<float>(want.data(), n, H),
                              routed.view());
-      auto const got = dout.to_host();
-      double worst = 0;
-      for (std::int64_t t = 0; t < n; ++t) {
-        double num = 0, den = 0;
-        for (int c = 0; c < H; ++c) {
-          double const a = got[static_cast<std::size_t>(t * H + c)], b = want[static_cast<std::size_t>(t * H + c)];
-          REQUIRE(std::isfinite(a));
-          num += (a - b) * (a - b);
-          den += b * b;
-        }
-        worst = std::max(worst, std::sqrt(num / std::max(den, 1e-30)));
-      }
-      INFO("worst per-token relative error " << worst);
-      REQUIRE(worst < 1e-2);
+      require_close(dout.to_host(), want, n, H);
       // The fp32 router: the same choices as the fp32 host gate except at near-ties.
       routing host_routing;
       std::vector<float> unused(x.size());
