@@ -27,6 +27,7 @@ enum class errc {
   cuda,                 ///< a CUDA runtime or driver call failed
   comm,                 ///< a communication call (NCCL or the in-process exchange) failed
   timeout,              ///< a bounded wait on a peer expired
+  io,                   ///< a file could not be read or written, or its format is malformed (trace, plan)
   internal,             ///< an invariant of the library itself broke: please report it
 };
 
@@ -43,6 +44,7 @@ constexpr std::string_view to_string(errc code) noexcept {
     case errc::cuda: return "cuda";
     case errc::comm: return "comm";
     case errc::timeout: return "timeout";
+    case errc::io: return "io";
     case errc::internal: return "internal";
   }
   return "unknown";
