@@ -26,4 +26,5 @@
 #include <specmoe/layer/dense_reference.hpp>
 #include <specmoe/layer/host_moe_layer.hpp>
 #include <specmoe/layer/moe_layer.hpp>
+#include <specmoe/trace/profile.hpp>
 #include <specmoe/trace/routing_trace.hpp>
