@@ -4,6 +4,7 @@
 #include "support/testbed.hpp"
 
 #include <specmoe/grouping/speculative_plan.hpp>
+#include <specmoe/placement/balanced_shuffle.hpp>
 #include <specmoe/router/affinity_predictors.hpp>
 #include <specmoe/synthetic/trace_generator.hpp>
 
@@ -85,6 +86,13 @@ TEST_CASE("affinity predictors: lossless, and the plan raises the local activati
     return moe_layer<host_space, combined_affinity_prediction, follow_prediction, explicit_placement>(
         c, w, {.predictor = combined_affinity_prediction(plan, history2), .grouping = placements});
   });
+  auto history3 = std::make_shared<rank_history>();
+  auto const balanced = run_stack(tr, [&](moe_config const& c, moe_weights<float> const& w) {
+    return moe_layer<host_space, combined_affinity_prediction, balanced_shuffle, explicit_placement>(
+        c, w, {.predictor = combined_affinity_prediction(plan, history3), .grouping = placements});
+  });
+  INFO("LAR balanced shuffle " << balanced.lar());
+  CHECK(balanced.lar() > 1.5 * plain.lar());
   INFO("LAR plain " << plain.lar() << ", token " << token.lar() << ", layer " << layer.lar() << ", combined " << combined.lar());
   INFO("rank hit rate token " << token.rank_hit_rate() << ", layer " << layer.rank_hit_rate() << ", combined " << combined.rank_hit_rate());
   CHECK(token.lar() > 1.5 * plain.lar());
