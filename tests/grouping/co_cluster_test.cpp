@@ -58,11 +58,7 @@ trace::routing_trace planted(int D, int E, int k, std::int64_t tokens) {
 }  // namespace
 
 TEST_CASE("co-cluster: constraints hold for every solver", "[grouping][co_cluster]") {
-  synthetic::trace_params tp;
-  tp.layers = 1;
-  tp.tokens = 5000;
-  tp.vocab = 3000;
-  auto const tr = synthetic::generate_trace(tp);
+  auto const tr = synthetic::generate_trace({.layers = 1, .tokens = 5000, .vocab = 3000});
   auto const prof = trace::profile_layer(tr, 0);
   for (int D : {2, 8, 16}) {
     grouping::co_cluster_options o;
@@ -95,13 +91,8 @@ TEST_CASE("co-cluster: planted groups are found, contiguous placement misses the
 }
 
 TEST_CASE("co-cluster: fewer remote activations than contiguous on an affine synthetic trace", "[grouping][co_cluster]") {
-  synthetic::trace_params tp;
-  tp.layers = 1;
-  tp.experts = 64;
-  tp.tokens = 20000;
-  tp.vocab = 4000;
-  tp.affinity = 0.9;
-  auto const prof = trace::profile_layer(synthetic::generate_trace(tp), 0);
+  auto const prof = trace::profile_layer(
+      synthetic::generate_trace({.layers = 1, .experts = 64, .tokens = 20000, .vocab = 4000, .affinity = 0.9}), 0);
   grouping::co_cluster_options o;
   o.ranks = 8;
   auto const base = grouping::contiguous_layer(prof, o);

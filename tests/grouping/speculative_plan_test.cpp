@@ -16,14 +16,7 @@ namespace fs = std::filesystem;
 namespace {
 
 trace::routing_trace small_synthetic() {
-  synthetic::trace_params tp;
-  tp.layers = 4;
-  tp.experts = 32;
-  tp.top_k = 4;
-  tp.tokens = 3000;
-  tp.vocab = 1500;
-  tp.affinity = 0.9;
-  return synthetic::generate_trace(tp);
+  return synthetic::generate_trace({.layers = 4, .experts = 32, .top_k = 4, .tokens = 3000, .vocab = 1500, .affinity = 0.9});
 }
 
 fs::path temp_file(std::string const& name) {

@@ -18,15 +18,8 @@ namespace {
 constexpr int D = 4;
 
 trace::routing_trace stack_trace() {
-  synthetic::trace_params tp;
-  tp.layers = 4;
-  tp.experts = 32;
-  tp.top_k = 4;
-  tp.tokens = 2048;
-  tp.vocab = 600;
-  tp.affinity = 0.9;
-  tp.layer_correlation = 0.9;
-  return synthetic::generate_trace(tp);
+  return synthetic::generate_trace(
+      {.layers = 4, .experts = 32, .top_k = 4, .tokens = 2048, .vocab = 600, .affinity = 0.9, .layer_correlation = 0.9});
 }
 
 moe_config layer_config(int layer) {

@@ -76,11 +76,7 @@ TEST_CASE("trace generator: valid traces, the same for the same seed, different 
 }
 
 TEST_CASE("trace generator: affinity sets the hottest-top-k F1, draft_agreement the draft's hit rate", "[synthetic][trace]") {
-  synthetic::trace_params p;
-  p.tokens = 20000;
-  p.vocab = 2000;
-  p.layers = 2;
-  p.draft_layers = 2;
+  synthetic::trace_params p{.layers = 2, .tokens = 20000, .vocab = 2000, .draft_layers = 2};
   auto const strong = synthetic::generate_trace(p);
   double const f1_strong = hottest_topk_f1(strong, 1);
   INFO("F1 at affinity 0.8: " << f1_strong);
