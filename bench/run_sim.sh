@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # bench/run_sim.sh BUILD_BIN_DIR OUT_DIR: Speculative MoE in simulation (CPU only). For the Qwen3-30B-A3B
-# and DeepSeek-V3 shapes: a default synthetic trace (specmoe-trace-gen), a plan per EP size
-# (specmoe-plan), then specmoe-sim at EP 8, 16, 64 with the combined predictor, and at EP 8 with
-# each predictor. One JSON object per line in OUT_DIR/sim.jsonl; a table with bench/sim_table.py.
+# and DeepSeek-V3 shapes: two default synthetic traces of the same model (specmoe-trace-gen, same
+# --seed, --sample-seed 1 and 2), a plan per EP size from the first (specmoe-plan), then specmoe-sim
+# on the second, held-out one, at EP 8, 16, 64 with the combined predictor and at EP 8 with each
+# predictor. One JSON object per line in OUT_DIR/sim.jsonl; a table with bench/sim_table.py.
 set -euo pipefail
 bin=${1:?usage: bench/run_sim.sh BUILD_BIN_DIR OUT_DIR}
 out=${2:?usage: bench/run_sim.sh BUILD_BIN_DIR OUT_DIR}
 mkdir -p "${out}"
 : >"${out}/sim.jsonl"
 for model in qwen3_30b_a3b deepseek_v3; do
-  trace="${out}/trace_${model}"
-  "${bin}/specmoe-trace-gen" --out "${trace}" --model "${model}" --layers 8 --tokens 8192 >/dev/null
+  train="${out}/train_${model}"
+  trace="${out}/test_${model}"
+  "${bin}/specmoe-trace-gen" --out "${train}" --model "${model}" --layers 8 --tokens 8192 --sample-seed 1 >/dev/null
+  "${bin}/specmoe-trace-gen" --out "${trace}" --model "${model}" --layers 8 --tokens 8192 --sample-seed 2 >/dev/null
   for ranks in 8 16 64; do
     plan="${out}/plan_${model}_${ranks}.json"
-    "${bin}/specmoe-plan" --trace "${trace}" --ranks "${ranks}" --out "${plan}" | sed "s/^{/{\"model\": \"${model}\", \"tool\": \"plan\", /" >>"${out}/sim.jsonl"
+    "${bin}/specmoe-plan" --trace "${train}" --ranks "${ranks}" --out "${plan}" | sed "s/^{/{\"model\": \"${model}\", \"tool\": \"plan\", /" >>"${out}/sim.jsonl"
     predictors="combined"
     [[ ${ranks} == 8 ]] && predictors="none token layer combined oracle"
     for p in ${predictors}; do

@@ -3,6 +3,7 @@
 //
 //   specmoe-trace-gen --out DIR [--model qwen3_30b_a3b|deepseek_v3|mixtral] [--layers L] [--tokens N]
 //                     [--affinity A] [--layer-correlation C] [--expert-zipf S] [--draft-layers K] [--seed S]
+//                     [--sample-seed S]   (same --seed, another --sample-seed: a held-out trace of the same model)
 #include <specmoe/detail/cli.hpp>
 #include <specmoe/core/moe_config.hpp>
 #include <specmoe/synthetic/trace_generator.hpp>
@@ -15,7 +16,7 @@ int main(int argc, char** argv) {
   detail::cli::args a(argc, argv, "specmoe-trace-gen",
                       "specmoe-trace-gen --out DIR [--model qwen3_30b_a3b|deepseek_v3|mixtral] [--layers L] [--tokens N] "
                       "[--affinity A] [--layer-correlation C] [--expert-zipf S] [--token-zipf S] [--vocab V] [--requests R] "
-                      "[--draft-layers K] [--seed S]");
+                      "[--draft-layers K] [--seed S] [--sample-seed S]");
   try {
     auto const out = a.required("--out");
     auto const model = a.choice("--model", "qwen3_30b_a3b", {"qwen3_30b_a3b", "deepseek_v3", "mixtral"});
@@ -34,6 +35,7 @@ int main(int argc, char** argv) {
     p.requests = static_cast<int>(a.integer("--requests", p.requests, 1, 1 << 24));
     p.draft_layers = static_cast<int>(a.integer("--draft-layers", 0, 0, 1024));
     p.seed = static_cast<std::uint64_t>(a.integer("--seed", 1, 0, 1ll << 62));
+    p.sample_seed = static_cast<std::uint64_t>(a.integer("--sample-seed", 0, 0, 1ll << 62));
     a.finish();
     auto const tr = synthetic::generate_trace(p);
     trace::write_trace(out, tr);

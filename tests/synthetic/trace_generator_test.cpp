@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <algorithm>
 #include <map>
 #include <random>
 #include <set>
@@ -100,6 +101,32 @@ TEST_CASE("trace generator: affinity sets the hottest-top-k F1, draft_agreement 
   INFO("draft agreement " << agreement);
   CHECK(agreement > 0.72);
   CHECK(agreement < 0.85);
+}
+
+TEST_CASE("trace generator: another sample_seed is a held-out sample of the same model", "[synthetic][trace]") {
+  synthetic::trace_params p{.layers = 2, .tokens = 20000, .vocab = 500, .affinity = 0.9, .sample_seed = 1};
+  auto const a = synthetic::generate_trace(p);
+  p.sample_seed = 2;
+  auto const b = synthetic::generate_trace(p);
+  CHECK(a.token_ids != b.token_ids);
+  // the same frequent id prefers the same experts in both samples
+  auto hottest = [](trace::routing_trace const& tr, int id) {
+    std::map<int, int> c;
+    for (std::int64_t t = 0; t < tr.meta.tokens; ++t) {
+      if (tr.token_ids[static_cast<std::size_t>(t)] != id) continue;
+      for (int j = 0; j < tr.meta.top_k; ++j) ++c[tr.id(1, t, j)];
+    }
+    std::vector<std::pair<int, int>> v(c.begin(), c.end());
+    std::sort(v.begin(), v.end(), [](auto x, auto y) { return x.second > y.second; });
+    std::set<int> top;
+    for (std::size_t j = 0; j < v.size() && j < 8; ++j) top.insert(v[j].first);
+    return top;
+  };
+  int const id = a.token_ids[0];
+  auto const ha = hottest(a, id), hb = hottest(b, id);
+  int common = 0;
+  for (int e : ha) common += hb.count(e) ? 1 : 0;
+  CHECK(common >= 6);
 }
 
 TEST_CASE("trace generator: parameters outside their domain are refused", "[synthetic][trace][errors]") {

@@ -44,7 +44,7 @@ struct plan_layer {
   std::vector<int> expert_rank;              ///< [experts]
   std::vector<std::int32_t> token_ids;       ///< [n] ascending vocabulary ids (T's keys)
   std::vector<int> token_rank;               ///< [n] T
-  std::vector<float> token_confidence;       ///< [n] T_p
+  std::vector<float> token_confidence;       ///< [n] T_p: share of the id's occurrences served mostly by T's rank
   std::vector<int> ngram_rank;               ///< [D * D] A: next rank after (rank at l-2, rank at l-1); empty for l < 2
   std::vector<float> ngram_confidence;       ///< [D * D] A_p; 0 where the 2-gram was never seen
   double remote_share = 0.0, token_imbalance = 0.0, expert_load_imbalance = 0.0, lookback_confidence = 0.0;
@@ -128,13 +128,28 @@ inline speculative_plan make_plan(trace::routing_trace const& tr, co_cluster_opt
     L.expert_rank = g.expert_rank;
     L.token_ids = prof.token_ids;
     L.token_rank = g.token_rank;
-    L.token_confidence = g.token_confidence;
-    for (auto& c : L.token_confidence) c = std::min(c, 1.0f);
+    L.token_confidence.assign(g.token_rank.size(), 0.0f);  // filled below
     L.remote_share = g.remote_share;
     L.token_imbalance = g.token_imbalance;
     L.expert_load_imbalance = g.expert_load_imbalance;
     rank_of.push_back(g.expert_rank);
     plan.per_layer.push_back(std::move(L));
+  }
+  // T_p as the share of the id's occurrences whose served rank (the rank holding most of its
+  // experts) is T's rank: the same kind of probability as A_p, so the two compare fairly.
+  for (int l = 0; l < m.layers; ++l) {
+    auto& L = plan.per_layer[static_cast<std::size_t>(l)];
+    auto const served = trace::token_ranks(tr, l, rank_of[static_cast<std::size_t>(l)], o.ranks);
+    std::vector<std::int64_t> hits(L.token_ids.size(), 0), seen(L.token_ids.size(), 0);
+    for (std::size_t t = 0; t < served.size(); ++t) {
+      auto const it = std::lower_bound(L.token_ids.begin(), L.token_ids.end(), tr.token_ids[t]);
+      auto const i = static_cast<std::size_t>(it - L.token_ids.begin());
+      ++seen[i];
+      hits[i] += served[t] == L.token_rank[i] ? 1 : 0;
+    }
+    for (std::size_t i = 0; i < hits.size(); ++i) {
+      L.token_confidence[i] = seen[i] ? static_cast<float>(static_cast<double>(hits[i]) / static_cast<double>(seen[i])) : 0.0f;
+    }
   }
   auto const ngrams = trace::device_ngrams(tr, rank_of, o.ranks);
   auto const D = static_cast<std::size_t>(o.ranks);

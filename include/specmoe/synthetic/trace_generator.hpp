@@ -47,7 +47,9 @@ struct trace_params {
   std::int64_t min_request = 64, max_request = 512;
   int draft_layers = 0;            ///< > 0: also write draft routing (SP-MoE)
   double draft_agreement = 0.75;   ///< share of draft slots equal to the target's
-  std::uint64_t seed = 1;
+  std::uint64_t seed = 1;         ///< the "model": popularity, preferred experts, layer maps
+  std::uint64_t sample_seed = 0;  ///< the requests drawn from it (0: derived from seed); another
+                                  ///< sample_seed with the same seed gives a held-out trace of the same model
   std::string model = "synthetic";
 };
 
@@ -84,7 +86,8 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
                   errc::invalid_argument, "trace_params: affinity, layer_correlation, draft_agreement must lie in [0, 1], skews >= 0");
   SPECMOE_EXPECTS(p.requests > 0 && p.min_request > 0 && p.min_request <= p.max_request && p.draft_layers >= 0,
                   errc::invalid_argument, "trace_params: requests and request lengths must be positive, min <= max");
-  std::mt19937_64 rng(p.seed);
+  std::mt19937_64 structure(p.seed);
+  std::mt19937_64 rng(p.sample_seed ? p.sample_seed : p.seed * 0x9e3779b97f4a7c15ull + 1);
   int const E = p.experts, k = p.top_k, L = p.layers;
   trace::routing_trace tr;
   tr.meta.model = p.model;
@@ -92,7 +95,8 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
   tr.meta.experts = E;
   tr.meta.top_k = k;
   tr.meta.tokens = p.tokens;
-  tr.meta.source = "specmoe::synthetic::generate_trace seed=" + std::to_string(p.seed) + " affinity=" + std::to_string(p.affinity) +
+  tr.meta.source = "specmoe::synthetic::generate_trace seed=" + std::to_string(p.seed) + " sample_seed=" + std::to_string(p.sample_seed) +
+                   " affinity=" + std::to_string(p.affinity) +
                    " layer_correlation=" + std::to_string(p.layer_correlation) + " expert_zipf=" + std::to_string(p.expert_zipf) +
                    " token_zipf=" + std::to_string(p.token_zipf);
 
@@ -100,7 +104,7 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
   trace_gen_detail::zipf const token_law(p.vocab, p.token_zipf);
   std::vector<int> vocab_perm(static_cast<std::size_t>(p.vocab));  // which id is the i-th most frequent
   std::iota(vocab_perm.begin(), vocab_perm.end(), 0);
-  std::shuffle(vocab_perm.begin(), vocab_perm.end(), rng);
+  std::shuffle(vocab_perm.begin(), vocab_perm.end(), structure);
   std::int64_t t0 = 0;
   for (int r = 0; r < p.requests && t0 < p.tokens; ++r) {
     std::int64_t len = std::uniform_int_distribution<std::int64_t>(p.min_request, p.max_request)(rng);
@@ -120,14 +124,14 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
   for (int l = 0; l < L; ++l) {
     auto& o = by_rank[static_cast<std::size_t>(l)];
     std::iota(o.begin(), o.end(), 0);
-    std::shuffle(o.begin(), o.end(), rng);
+    std::shuffle(o.begin(), o.end(), structure);
     auto& m = pi[static_cast<std::size_t>(l)];
     std::iota(m.begin(), m.end(), 0);
-    std::shuffle(m.begin(), m.end(), rng);
+    std::shuffle(m.begin(), m.end(), structure);
   }
   std::vector<char> taken(static_cast<std::size_t>(E), 0);
   // k distinct experts: `first` (may hold -1 = draw) in order, the rest by popularity
-  auto draw_distinct = [&](int layer, std::vector<int> const& want, std::vector<int>& out) {
+  auto draw_distinct = [&](int layer, std::vector<int> const& want, std::vector<int>& out, std::mt19937_64& g) {
     out.clear();
     for (int const e : want) {
       if (e >= 0 && !taken[static_cast<std::size_t>(e)]) {
@@ -136,7 +140,7 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
       } else {
         int d;
         do {
-          d = by_rank[static_cast<std::size_t>(layer)][static_cast<std::size_t>(expert_law(rng))];
+          d = by_rank[static_cast<std::size_t>(layer)][static_cast<std::size_t>(expert_law(g))];
         } while (taken[static_cast<std::size_t>(d)]);
         out.push_back(d);
         taken[static_cast<std::size_t>(d)] = 1;
@@ -145,22 +149,24 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
     for (int const e : out) taken[static_cast<std::size_t>(e)] = 0;
   };
 
-  // preferred sets, per layer and token id, created on first use (deterministic: in token order)
+  // preferred sets, per layer and token id, created on first use from their own generator (so they
+  // belong to the model, whatever order a sample meets the ids in)
   std::vector<std::vector<std::vector<int>>> preferred(static_cast<std::size_t>(L));
   for (auto& v : preferred) v.resize(static_cast<std::size_t>(p.vocab));
   std::bernoulli_distribution keep(p.affinity), follow(p.layer_correlation), agree(p.draft_agreement);
   auto preferred_of = [&](int layer, int id) -> std::vector<int> const& {
     auto& set = preferred[static_cast<std::size_t>(layer)][static_cast<std::size_t>(id)];
     if (set.empty()) {
+      std::mt19937_64 own(p.seed ^ (static_cast<std::uint64_t>(layer) << 40) ^ (static_cast<std::uint64_t>(id) * 0xd1b54a32d192ed03ull));
       std::vector<int> want(static_cast<std::size_t>(k), -1);
       if (layer > 0) {
         // the token's set at layer - 1 exists: layers are visited in order for each token
         auto const& prev = preferred[static_cast<std::size_t>(layer - 1)][static_cast<std::size_t>(id)];
         for (int j = 0; j < k; ++j) {
-          if (!prev.empty() && follow(rng)) want[static_cast<std::size_t>(j)] = pi[static_cast<std::size_t>(layer)][static_cast<std::size_t>(prev[static_cast<std::size_t>(j)])];
+          if (!prev.empty() && follow(own)) want[static_cast<std::size_t>(j)] = pi[static_cast<std::size_t>(layer)][static_cast<std::size_t>(prev[static_cast<std::size_t>(j)])];
         }
       }
-      draw_distinct(layer, want, set);
+      draw_distinct(layer, want, set, own);
     }
     return set;
   };
@@ -174,7 +180,7 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
     for (int l = 0; l < L; ++l) {
       auto const& pref = preferred_of(l, id);
       for (int j = 0; j < k; ++j) want[static_cast<std::size_t>(j)] = keep(rng) ? pref[static_cast<std::size_t>(j)] : -1;
-      draw_distinct(l, want, chosen);
+      draw_distinct(l, want, chosen, rng);
       float total = 0.0f;
       for (auto& x : w) total += x = std::exponential_distribution<float>(1.0f)(rng) + 0.05f;
       std::sort(w.begin(), w.end(), std::greater<>());
@@ -194,7 +200,7 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
       for (std::int64_t t = 0; t < p.tokens; ++t) {
         auto const base = static_cast<std::size_t>((l * p.tokens + t) * k);
         for (int j = 0; j < k; ++j) want[static_cast<std::size_t>(j)] = agree(rng) ? tr.topk_ids[base + static_cast<std::size_t>(j)] : -1;
-        draw_distinct(l, want, chosen);
+        draw_distinct(l, want, chosen, rng);
         std::copy(chosen.begin(), chosen.end(), tr.draft_topk_ids.begin() + static_cast<std::ptrdiff_t>((d * p.tokens + t) * k));
       }
     }
