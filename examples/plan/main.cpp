@@ -2,8 +2,10 @@
 // every layer's balanced token-expert co-clustering for D ranks, writes the plan as JSON and prints
 // a summary (remote activation share against the contiguous baseline, per solver, and the time).
 //
-//   specmoe-plan --trace DIR --ranks D --out PLAN.json [--solver alternating|cem|contiguous]
-//                [--theta T] [--seed S]
+//   specmoe-plan --trace DIR --ranks D --out PLAN.json [--solver alternating|cem|contiguous|load_balanced]
+//                [--replicas-per-rank R] [--theta T] [--seed S]
+// load_balanced is the EPLB-style baseline (experts spread by load only); --replicas-per-rank adds
+// copies of the hottest experts (any solver).
 #include <specmoe/detail/cli.hpp>
 #include <specmoe/grouping/speculative_plan.hpp>
 #include <specmoe/trace/routing_trace.hpp>
@@ -15,7 +17,8 @@
 int main(int argc, char** argv) {
   using namespace specmoe;
   detail::cli::args a(argc, argv, "specmoe-plan",
-                      "specmoe-plan --trace DIR --ranks D --out PLAN.json [--solver alternating|cem|contiguous] [--theta T] [--seed S]");
+                      "specmoe-plan --trace DIR --ranks D --out PLAN.json [--solver alternating|cem|contiguous|load_balanced] "
+                      "[--replicas-per-rank R] [--theta T] [--seed S]");
   try {
     auto const dir = a.required("--trace");
     auto const out = a.required("--out");
@@ -24,10 +27,13 @@ int main(int argc, char** argv) {
     if (!a.has("--ranks")) a.fail("--ranks is required");
     o.theta = a.real("--theta", o.theta, 0, 1);
     o.seed = static_cast<std::uint64_t>(a.integer("--seed", 1, 0, 1ll << 62));
-    auto const name = a.choice("--solver", "alternating", {"alternating", "cem", "contiguous"});
+    auto const name = a.choice("--solver", "alternating", {"alternating", "cem", "contiguous", "load_balanced"});
+    o.replicas_per_rank = static_cast<int>(a.integer("--replicas-per-rank", 0, 0, 1024));
     a.finish();
-    auto const solver = name == "cem" ? grouping::plan_solver::cem : name == "contiguous" ? grouping::plan_solver::contiguous
-                                                                                           : grouping::plan_solver::alternating;
+    auto const solver = name == "cem"             ? grouping::plan_solver::cem
+                        : name == "contiguous"    ? grouping::plan_solver::contiguous
+                        : name == "load_balanced" ? grouping::plan_solver::load_balanced
+                                                  : grouping::plan_solver::alternating;
     auto const t0 = std::chrono::steady_clock::now();
     auto const tr = trace::read_trace(dir);
     auto const t1 = std::chrono::steady_clock::now();

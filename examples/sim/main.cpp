@@ -185,11 +185,12 @@ int main(int argc, char** argv) {
     }
     auto const& c = totals.spec;
     std::printf(
-        "{\"ranks\": %d, \"layers\": %d, \"tokens\": %lld, \"hidden\": %d, \"plan\": %s, \"predictor\": \"%s\", \"shuffle\": \"%s\", "
+        "{\"ranks\": %d, \"layers\": %d, \"tokens\": %lld, \"hidden\": %d, \"plan\": %s, \"solver\": \"%s\", \"replicas_per_rank\": %d, "
+        "\"predictor\": \"%s\", \"shuffle\": \"%s\", "
         "\"lar\": %.4f, \"baseline_lar\": %.4f, \"cross_rank_bytes\": %lld, \"baseline_cross_rank_bytes\": %lld, "
         "\"bytes_saved\": %.4f, \"shuffle_bytes\": %lld, \"prediction_accuracy\": %.4f, \"max_rank_load_over_mean\": %.4f, \"lossless\": %s}\n",
         s.ranks, m.layers, static_cast<long long>(s.tokens), s.hidden, plan ? ("\"" + plan_path + "\"").c_str() : "null",
-        predictor.c_str(), predictor == "none" ? "none" : unbalanced ? "unbalanced" : "balanced", c.lar(), totals.plain.lar(),
+        plan ? plan->solver.c_str() : "contiguous", plan ? plan->replicas_per_rank : 0, predictor.c_str(), predictor == "none" ? "none" : unbalanced ? "unbalanced" : "balanced", c.lar(), totals.plain.lar(),
         static_cast<long long>(cross_rank_bytes(c)), static_cast<long long>(cross_rank_bytes(totals.plain)),
         1.0 - static_cast<double>(cross_rank_bytes(c)) / static_cast<double>(std::max<std::int64_t>(1, cross_rank_bytes(totals.plain))),
         static_cast<long long>(c.shuffle.total()), c.rank_hit_rate(), totals.max_load_over_mean, totals.lossless ? "true" : "false");

@@ -70,6 +70,43 @@ TEST_CASE("plan: every layer solved, written and read back unchanged", "[groupin
   for (int e = 0; e < 32; ++e) CHECK(p2.owners(e)[0] == plan.per_layer[2].expert_rank[static_cast<std::size_t>(e)]);
 }
 
+TEST_CASE("plan: hot-expert replicas stay within their slots, round trip and reach the placements", "[grouping][plan]") {
+  auto const tr = small_synthetic();
+  grouping::co_cluster_options o;
+  o.ranks = 4;
+  o.replicas_per_rank = 2;
+  for (auto const solver : {grouping::plan_solver::alternating, grouping::plan_solver::load_balanced}) {
+    auto const plan = grouping::make_plan(tr, o, solver);
+    INFO("solver " << grouping::to_string(solver));
+    for (auto const& L : plan.per_layer) {
+      CHECK(!L.replicas.empty());
+      CHECK(L.replicas.size() <= 8);  // 2 a rank
+    }
+    auto const path = temp_file("replicas");
+    grouping::write_plan(path, plan);
+    auto const back = grouping::read_plan(path);
+    fs::remove(path);
+    CHECK(back.replicas_per_rank == 2);
+    for (std::size_t l = 0; l < 4; ++l) CHECK(back.per_layer[l].replicas == plan.per_layer[l].replicas);
+    auto const placement = grouping::plan_placements(plan);
+    moe_config cfg{.hidden_size = 8, .ffn_size = 8, .num_experts = 32, .top_k = 4, .num_ranks = 4};
+    cfg.layer = 1;
+    auto const p1 = placement.place(cfg, 0);
+    auto const [e, r] = plan.per_layer[1].replicas.front();
+    CHECK(p1.owns(r, e));
+    CHECK(p1.owners(e).size() >= 2);
+  }
+  // a plan with more replicas on a rank than it allows, or a replica on its primary rank, is refused
+  auto plan = grouping::make_plan(tr, o);
+  auto bad = plan;
+  bad.replicas_per_rank = 0;
+  specmoe::test::require_error([&] { grouping::validate_plan(bad, "plan.json"); }, errc::io, "more than replicas_per_rank = 0");
+  bad = plan;
+  auto const e = bad.per_layer[0].replicas.front().first;
+  bad.per_layer[0].replicas.front().second = bad.per_layer[0].expert_rank[static_cast<std::size_t>(e)];
+  specmoe::test::require_error([&] { grouping::validate_plan(bad, "plan.json"); }, errc::io, "on its primary rank");
+}
+
 TEST_CASE("plan: malformed plan files are rejected naming the problem", "[grouping][plan][errors]") {
   auto const tr = small_synthetic();
   grouping::co_cluster_options o;

@@ -84,7 +84,16 @@ TEST_CASE("affinity predictors: lossless, and the plan raises the local activati
     return moe_layer<host_space, combined_affinity_prediction, balanced_shuffle, explicit_placement>(
         c, w, {.predictor = combined_affinity_prediction(plan, history3), .grouping = placements});
   });
-  INFO("LAR balanced shuffle " << balanced.lar());
+  // with hot-expert replicas the placements have several owners per expert: still lossless
+  o.replicas_per_rank = 2;
+  auto const plan_r = std::make_shared<grouping::speculative_plan const>(grouping::make_plan(tr, o));
+  auto history4 = std::make_shared<rank_history>();
+  auto const replicated = run_stack(tr, [&](moe_config const& c, moe_weights<float> const& w) {
+    return moe_layer<host_space, combined_affinity_prediction, balanced_shuffle, explicit_placement>(
+        c, w, {.predictor = combined_affinity_prediction(plan_r, history4), .grouping = grouping::plan_placements(*plan_r)});
+  });
+  CHECK(replicated.lar() >= balanced.lar() - 0.02);
+  INFO("LAR balanced shuffle " << balanced.lar() << ", with replicas " << replicated.lar());
   CHECK(balanced.lar() > 1.5 * plain.lar());
   INFO("LAR plain " << plain.lar() << ", token " << token.lar() << ", layer " << layer.lar() << ", combined " << combined.lar());
   INFO("rank hit rate token " << token.rank_hit_rate() << ", layer " << layer.rank_hit_rate() << ", combined " << combined.rank_hit_rate());

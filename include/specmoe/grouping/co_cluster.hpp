@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace specmoe::grouping {
@@ -39,12 +40,14 @@ struct co_cluster_options {
   int cem_iterations = 30;     ///< CEM: iterations
   double cem_elite = 0.125;    ///< CEM: share of samples refit on
   double cem_smoothing = 0.7;  ///< CEM: weight of the elite frequencies in the update
+  int replicas_per_rank = 0;   ///< extra expert copies each rank may hold (hot experts, EPLB style)
   std::uint64_t seed = 1;
 };
 
 /// One layer's solution and how good it is.
 struct layer_grouping {
-  std::vector<int> expert_rank;          ///< [experts]
+  std::vector<int> expert_rank;          ///< [experts] the primary owner
+  std::vector<std::pair<int, int>> replicas;  ///< extra (expert, rank) copies, at most replicas_per_rank a rank
   std::vector<int> token_rank;           ///< [profile rows] the rank of each token id (profile order)
   std::vector<float> token_confidence;   ///< [rows] share of the id's activations its rank holds locally
   double remote_share = 0.0;             ///< activations on another rank than their token's / all
@@ -121,9 +124,57 @@ inline void assign_tokens(problem const& pr, std::vector<int> const& expert_rank
   g.remote_share = pr.total_acts > 0 ? 1.0 - local_total / pr.total_acts : 0.0;
 }
 
-inline void finish(problem const& pr, layer_grouping& g) {
+/// Expected activation load per rank, an expert's load split evenly over its copies.
+inline std::vector<double> rank_loads(problem const& pr, std::vector<int> const& expert_rank, std::vector<std::pair<int, int>> const& replicas) {
+  std::vector<int> copies(expert_rank.size(), 1);
+  for (auto const& [e, r] : replicas) ++copies[static_cast<std::size_t>(e)];
   std::vector<double> load(static_cast<std::size_t>(pr.D), 0.0);
-  for (std::size_t e = 0; e < g.expert_rank.size(); ++e) load[static_cast<std::size_t>(g.expert_rank[e])] += static_cast<double>(pr.p.expert_load[e]);
+  for (std::size_t e = 0; e < expert_rank.size(); ++e) {
+    load[static_cast<std::size_t>(expert_rank[e])] += static_cast<double>(pr.p.expert_load[e]) / copies[e];
+  }
+  for (auto const& [e, r] : replicas) {
+    load[static_cast<std::size_t>(r)] += static_cast<double>(pr.p.expert_load[static_cast<std::size_t>(e)]) / copies[static_cast<std::size_t>(e)];
+  }
+  return load;
+}
+
+/// EPLB-style replication: while replica slots remain, copy the expert with the most load per copy
+/// on the busiest rank to the least busy rank with a free slot that does not hold it yet.
+inline void add_replicas(problem const& pr, layer_grouping& g) {
+  int const R = pr.o.replicas_per_rank;
+  if (R <= 0 || pr.D < 2) return;
+  auto const D = static_cast<std::size_t>(pr.D);
+  std::vector<int> slots(D, R);
+  std::vector<std::vector<char>> holds(D, std::vector<char>(g.expert_rank.size(), 0));
+  for (std::size_t e = 0; e < g.expert_rank.size(); ++e) holds[static_cast<std::size_t>(g.expert_rank[e])][e] = 1;
+  for (int step = 0; step < R * pr.D; ++step) {
+    auto const load = rank_loads(pr, g.expert_rank, g.replicas);
+    std::vector<int> copies(g.expert_rank.size(), 1);
+    for (auto const& [e, r] : g.replicas) ++copies[static_cast<std::size_t>(e)];
+    auto const busy = static_cast<std::size_t>(std::max_element(load.begin(), load.end()) - load.begin());
+    std::size_t target = D;
+    for (std::size_t d = 0; d < D; ++d) if (slots[d] > 0 && d != busy && (target == D || load[d] < load[target])) target = d;
+    if (target == D) return;
+    std::size_t best = g.expert_rank.size();
+    double best_share = 0;
+    for (std::size_t e = 0; e < g.expert_rank.size(); ++e) {
+      if (!holds[busy][e] || holds[target][e]) continue;
+      double const share = static_cast<double>(pr.p.expert_load[e]) / copies[e];
+      if (share > best_share) {
+        best_share = share;
+        best = e;
+      }
+    }
+    if (best == g.expert_rank.size()) return;
+    g.replicas.emplace_back(static_cast<int>(best), static_cast<int>(target));
+    holds[target][best] = 1;
+    --slots[target];
+  }
+}
+
+inline void finish(problem const& pr, layer_grouping& g) {
+  add_replicas(pr, g);
+  auto const load = rank_loads(pr, g.expert_rank, g.replicas);
   double const mean = pr.total_acts / pr.D;
   g.expert_load_imbalance = mean > 0 ? *std::max_element(load.begin(), load.end()) / mean - 1.0 : 0.0;
   g.objective = pr.o.theta * g.token_imbalance + (1.0 - pr.o.theta) * g.remote_share;
@@ -247,6 +298,26 @@ inline layer_grouping evaluate(problem const& pr, std::vector<int> expert_rank) 
 }
 
 }  // namespace co_cluster_detail
+
+/// EPLB-style load-only balancing: experts heaviest first, each to the least loaded rank with a
+/// free slot (no token clustering), then the replicas of co_cluster_options::replicas_per_rank.
+inline layer_grouping load_balanced_layer(trace::layer_profile const& p, co_cluster_options const& o) {
+  auto const pr = co_cluster_detail::make_problem(p, o);
+  auto const E = static_cast<std::size_t>(p.experts), D = static_cast<std::size_t>(pr.D);
+  std::vector<std::size_t> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p.expert_load[a] > p.expert_load[b]; });
+  std::vector<int> rank(E), slots(D, pr.per_rank);
+  std::vector<double> load(D, 0.0);
+  for (auto const e : order) {
+    std::size_t best = D;
+    for (std::size_t d = 0; d < D; ++d) if (slots[d] > 0 && (best == D || load[d] < load[best])) best = d;
+    rank[e] = static_cast<int>(best);
+    --slots[best];
+    load[best] += static_cast<double>(p.expert_load[e]);
+  }
+  return co_cluster_detail::evaluate(pr, std::move(rank));
+}
 
 /// The baseline: expert e on rank e / (E / D); token ids to their best rank, balanced.
 inline layer_grouping contiguous_layer(trace::layer_profile const& p, co_cluster_options const& o) {

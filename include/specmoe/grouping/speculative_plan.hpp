@@ -33,15 +33,21 @@ namespace specmoe::grouping {
 inline constexpr char const* plan_format = "specmoe-plan/1";
 
 /// Which solver make_plan runs per layer.
-enum class plan_solver { alternating, cem, contiguous };
+enum class plan_solver { alternating, cem, contiguous, load_balanced };
 
 inline char const* to_string(plan_solver s) {
-  return s == plan_solver::alternating ? "alternating" : s == plan_solver::cem ? "cem" : "contiguous";
+  switch (s) {
+    case plan_solver::alternating: return "alternating";
+    case plan_solver::cem: return "cem";
+    case plan_solver::load_balanced: return "load_balanced";
+    default: return "contiguous";
+  }
 }
 
 /// One layer of a plan.
 struct plan_layer {
-  std::vector<int> expert_rank;              ///< [experts]
+  std::vector<int> expert_rank;              ///< [experts] primary owner
+  std::vector<std::pair<int, int>> replicas; ///< extra (expert, rank) copies of hot experts
   std::vector<std::int32_t> token_ids;       ///< [n] ascending vocabulary ids (T's keys)
   std::vector<int> token_rank;               ///< [n] T
   std::vector<float> token_confidence;       ///< [n] T_p: share of the id's occurrences served mostly by T's rank
@@ -66,6 +72,7 @@ struct plan_layer {
 
 struct speculative_plan {
   int layers = 0, experts = 0, ranks = 0;
+  int replicas_per_rank = 0;
   double theta = 0.5;
   std::string solver;
   std::vector<plan_layer> per_layer;
@@ -90,6 +97,17 @@ inline void validate_plan(speculative_plan const& p, std::string const& where) {
     for (std::size_t d = 0; d < D; ++d) {
       SPECMOE_EXPECTS(per[d] == p.experts / p.ranks, errc::io, where, ": layer ", l, " puts ", per[d], " experts on rank ", d,
                       ", every rank needs ", p.experts / p.ranks);
+    }
+    std::vector<int> extra(D, 0);
+    std::vector<std::pair<int, int>> seen;
+    for (auto const& [e, r] : L.replicas) {
+      SPECMOE_EXPECTS(e >= 0 && e < p.experts && r >= 0 && r < p.ranks && L.expert_rank[static_cast<std::size_t>(e)] != r, errc::io,
+                      where, ": layer ", l, " replica (expert ", e, ", rank ", r, ") is out of range or on its primary rank");
+      SPECMOE_EXPECTS(std::find(seen.begin(), seen.end(), std::pair<int, int>{e, r}) == seen.end(), errc::io, where, ": layer ", l,
+                      " repeats replica (expert ", e, ", rank ", r, ")");
+      seen.emplace_back(e, r);
+      SPECMOE_EXPECTS(++extra[static_cast<std::size_t>(r)] <= p.replicas_per_rank, errc::io, where, ": layer ", l, " gives rank ", r,
+                      " more than replicas_per_rank = ", p.replicas_per_rank, " replicas");
     }
     SPECMOE_EXPECTS(L.token_rank.size() == L.token_ids.size() && L.token_confidence.size() == L.token_ids.size(), errc::io, where,
                     ": layer ", l, " token table arrays differ in length");
@@ -117,15 +135,18 @@ inline speculative_plan make_plan(trace::routing_trace const& tr, co_cluster_opt
   plan.experts = m.experts;
   plan.ranks = o.ranks;
   plan.theta = o.theta;
+  plan.replicas_per_rank = o.replicas_per_rank;
   plan.solver = to_string(solver);
   std::vector<std::vector<int>> rank_of;
   for (int l = 0; l < m.layers; ++l) {
     auto const prof = trace::profile_layer(tr, l);
-    auto const g = solver == plan_solver::alternating ? co_cluster_layer(prof, o)
-                   : solver == plan_solver::cem       ? cem_layer(prof, o)
-                                                      : contiguous_layer(prof, o);
+    auto const g = solver == plan_solver::alternating     ? co_cluster_layer(prof, o)
+                   : solver == plan_solver::cem           ? cem_layer(prof, o)
+                   : solver == plan_solver::load_balanced ? load_balanced_layer(prof, o)
+                                                          : contiguous_layer(prof, o);
     plan_layer L;
     L.expert_rank = g.expert_rank;
+    L.replicas = g.replicas;
     L.token_ids = prof.token_ids;
     L.token_rank = g.token_rank;
     L.token_confidence.assign(g.token_rank.size(), 0.0f);  // filled below
@@ -179,6 +200,7 @@ inline explicit_placement plan_placements(speculative_plan const& plan) {
   for (auto const& L : plan.per_layer) {
     std::vector<std::vector<int>> owners(L.expert_rank.size());
     for (std::size_t e = 0; e < owners.size(); ++e) owners[e] = {L.expert_rank[e]};
+    for (auto const& [e, r] : L.replicas) owners[static_cast<std::size_t>(e)].push_back(r);
     layers.emplace_back(plan.ranks, std::move(owners));
   }
   return explicit_placement(std::move(layers));
@@ -222,7 +244,10 @@ inline void write_plan(std::filesystem::path const& path, speculative_plan const
   using plan_detail::to_json;
   detail::json::array layers;
   for (auto const& L : plan.per_layer) {
+    detail::json::array reps;
+    for (auto const& [e, r] : L.replicas) reps.emplace_back(detail::json::array{value(e), value(r)});
     detail::json::object o{{"expert_rank", to_json(L.expert_rank)},
+                           {"replicas", value(std::move(reps))},
                            {"token_ids", to_json(L.token_ids)},
                            {"token_rank", to_json(L.token_rank)},
                            {"token_confidence", to_json(L.token_confidence)},
@@ -235,7 +260,8 @@ inline void write_plan(std::filesystem::path const& path, speculative_plan const
     layers.emplace_back(std::move(o));
   }
   detail::json::object doc{{"format", plan_format}, {"layers", plan.layers},  {"experts", plan.experts},
-                           {"ranks", plan.ranks},   {"theta", plan.theta},    {"solver", plan.solver},
+                           {"ranks", plan.ranks},   {"replicas_per_rank", plan.replicas_per_rank},
+                           {"theta", plan.theta},   {"solver", plan.solver},
                            {"per_layer", value(std::move(layers))}};
   std::ofstream out(path, std::ios::trunc);
   SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": cannot open for writing");
@@ -258,12 +284,20 @@ inline speculative_plan read_plan(std::filesystem::path const& path) {
   p.experts = static_cast<int>(doc.at("experts", file).as_int(file + ": experts"));
   p.ranks = static_cast<int>(doc.at("ranks", file).as_int(file + ": ranks"));
   if (auto const* t = doc.find("theta")) p.theta = t->as_double(file + ": theta");
+  if (auto const* r = doc.find("replicas_per_rank")) p.replicas_per_rank = static_cast<int>(r->as_int(file + ": replicas_per_rank"));
   if (auto const* s = doc.find("solver")) p.solver = s->as_string(file + ": solver");
   using plan_detail::from_json;
   for (auto const& Lj : doc.at("per_layer", file).as_array(file + ": per_layer")) {
     std::string const what = file + ": layer " + std::to_string(p.per_layer.size());
     plan_layer L;
     L.expert_rank = from_json<int>(Lj.at("expert_rank", what), what + ".expert_rank");
+    if (auto const* reps = Lj.find("replicas")) {
+      for (auto const& pair : reps->as_array(what + ".replicas")) {
+        auto const ints = from_json<int>(pair, what + ".replicas");
+        SPECMOE_EXPECTS(ints.size() == 2, errc::io, what, ".replicas: each entry must be [expert, rank]");
+        L.replicas.emplace_back(ints[0], ints[1]);
+      }
+    }
     L.token_ids = from_json<std::int32_t>(Lj.at("token_ids", what), what + ".token_ids");
     L.token_rank = from_json<int>(Lj.at("token_rank", what), what + ".token_rank");
     L.token_confidence = from_json<float>(Lj.at("token_confidence", what), what + ".token_confidence");
