@@ -118,48 +118,34 @@ class token_affinity_prediction {
   std::shared_ptr<grouping::speculative_plan const> plan_;
 };
 
+/// A (and, with `UseTokens`, T too: the more confident guess per token). Holds the plan and the
+/// rank history the model's layers share; observe records this layer's served ranks.
+template <bool UseTokens>
+class history_affinity_prediction {
+ public:
+  static constexpr bool predicts = true;
+  history_affinity_prediction(std::shared_ptr<grouping::speculative_plan const> plan, std::shared_ptr<rank_history> history)
+      : plan_(std::move(plan)), history_(std::move(history)) {
+    SPECMOE_EXPECTS(plan_ && history_, errc::invalid_argument, "affinity predictors over layers need a plan and a shared rank_history");
+  }
+  void predict(prediction_request const& req, prediction& out) {
+    auto const& L = affinity_detail::plan_layer_for(*plan_, req.config);
+    out.reset(req.num_tokens, 0);
+    out.confidence.assign(static_cast<std::size_t>(req.num_tokens), 0.0f);
+    if constexpr (UseTokens) affinity_detail::guess_from_tokens(L, req, out);
+    affinity_detail::guess_from_layers(L, *history_, req, out);
+  }
+  void observe(routing_observation const& o) { history_->record(o.config.layer, affinity_detail::served_ranks(o)); }
+
+ private:
+  std::shared_ptr<grouping::speculative_plan const> plan_;
+  std::shared_ptr<rank_history> history_;
+};
+
 /// A: the plan's next rank after the ranks that served each token at the two previous layers.
-class layer_affinity_prediction {
- public:
-  static constexpr bool predicts = true;
-  layer_affinity_prediction(std::shared_ptr<grouping::speculative_plan const> plan, std::shared_ptr<rank_history> history)
-      : plan_(std::move(plan)), history_(std::move(history)) {
-    SPECMOE_EXPECTS(plan_ && history_, errc::invalid_argument, "layer_affinity_prediction needs a plan and a shared rank_history");
-  }
-  void predict(prediction_request const& req, prediction& out) {
-    auto const& L = affinity_detail::plan_layer_for(*plan_, req.config);
-    out.reset(req.num_tokens, 0);
-    out.confidence.assign(static_cast<std::size_t>(req.num_tokens), 0.0f);
-    affinity_detail::guess_from_layers(L, *history_, req, out);
-  }
-  void observe(routing_observation const& o) { history_->record(o.config.layer, affinity_detail::served_ranks(o)); }
-
- private:
-  std::shared_ptr<grouping::speculative_plan const> plan_;
-  std::shared_ptr<rank_history> history_;
-};
-
+using layer_affinity_prediction = history_affinity_prediction<false>;
 /// T and A together: per token, the guess with the higher confidence.
-class combined_affinity_prediction {
- public:
-  static constexpr bool predicts = true;
-  combined_affinity_prediction(std::shared_ptr<grouping::speculative_plan const> plan, std::shared_ptr<rank_history> history)
-      : plan_(std::move(plan)), history_(std::move(history)) {
-    SPECMOE_EXPECTS(plan_ && history_, errc::invalid_argument, "combined_affinity_prediction needs a plan and a shared rank_history");
-  }
-  void predict(prediction_request const& req, prediction& out) {
-    auto const& L = affinity_detail::plan_layer_for(*plan_, req.config);
-    out.reset(req.num_tokens, 0);
-    out.confidence.assign(static_cast<std::size_t>(req.num_tokens), 0.0f);
-    affinity_detail::guess_from_tokens(L, req, out);
-    affinity_detail::guess_from_layers(L, *history_, req, out);
-  }
-  void observe(routing_observation const& o) { history_->record(o.config.layer, affinity_detail::served_ranks(o)); }
-
- private:
-  std::shared_ptr<grouping::speculative_plan const> plan_;
-  std::shared_ptr<rank_history> history_;
-};
+using combined_affinity_prediction = history_affinity_prediction<true>;
 
 static_assert(router_predictor<token_affinity_prediction>);
 static_assert(router_predictor<layer_affinity_prediction>);
