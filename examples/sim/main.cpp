@@ -10,7 +10,10 @@
 // cross_rank_bytes = dispatch + combine between ranks; shuffle_bytes (the token moves there and
 // back) apart: free when the shuffle is the reduce-scatter of tensor-parallel attention, paid with
 // data-parallel attention.
+//
+// With --offload it replays SP-MoE expert offloading instead (offload_mode.hpp).
 #include <specmoe/detail/cli.hpp>
+#include "offload_mode.hpp"
 #include <specmoe/grouping/speculative_plan.hpp>
 #include <specmoe/placement/balanced_shuffle.hpp>
 #include <specmoe/router/affinity_predictors.hpp>
@@ -119,9 +122,13 @@ std::int64_t cross_rank_bytes(layer_counters const& c) { return c.dispatch.total
 int main(int argc, char** argv) {
   detail::cli::args a(argc, argv, "specmoe-sim",
                       "specmoe-sim --trace DIR --ranks D [--plan PLAN.json] [--predictor none|token|layer|combined|oracle] "
-                      "[--unbalanced] [--tokens N] [--hidden H] [--seed S]",
-                      {"--unbalanced"});
+                      "[--unbalanced] [--tokens N] [--hidden H] [--seed S]\n"
+                      "   or: specmoe-sim --trace DIR --offload --cache-experts N [--profile P.json] [--gamma G] "
+                      "[--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement lru|lfu|protect|protect_lfu] "
+                      "[--lookahead-accuracy A] [--steps S] [--sweep] [--expert-mib M] [--seed S]",
+                      {"--unbalanced", "--offload", "--sweep"});
   try {
+    if (a.has("--offload")) return specmoe_sim::run_offload(a);
     sim_setup s;
     auto const dir = a.required("--trace");
     if (!a.has("--ranks")) a.fail("--ranks is required");

@@ -132,6 +132,19 @@ inline moe_config qwen3_30b_a3b(int num_ranks = 1) {
   return {.hidden_size = 2048, .ffn_size = 768, .num_experts = 128, .top_k = 8, .gate = {}, .num_ranks = num_ranks};
 }
 
+/// DeepSeek-V2-Lite: hidden 2048, FFN 1408, 64 routed experts, top-6, softmax without
+/// renormalisation, two shared experts of FFN 1408 (26 MoE layers; SP-MoE's offloading shape).
+inline moe_config deepseek_v2_lite(int num_ranks = 1) {
+  return {.hidden_size = 2048,
+          .ffn_size = 1408,
+          .num_experts = 64,
+          .top_k = 6,
+          .gate = {.renormalize = false},
+          .num_shared_experts = 2,
+          .shared_ffn_size = 1408,
+          .num_ranks = num_ranks};
+}
+
 /// DeepSeek-V3: hidden 7168, FFN 2048, 256 routed experts in 8 groups (4 kept), top-8, sigmoid
 /// with score-correction bias, routed scaling 2.5, one shared expert of FFN 2048.
 inline moe_config deepseek_v3(int num_ranks = 1) {

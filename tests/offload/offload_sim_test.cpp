@@ -1,0 +1,98 @@
+// SP-MoE replayed on the host timeline (offload/offload_sim.hpp).
+#include "support/testbed.hpp"
+
+#include <specmoe/offload/offload_sim.hpp>
+#include <specmoe/synthetic/trace_generator.hpp>
+
+#include <random>
+
+using namespace specmoe;
+using specmoe::test::require_error;
+
+namespace {
+
+trace::routing_trace dsv2_like(std::uint64_t seed, double agreement, int layers = 8) {
+  synthetic::trace_params tp;
+  tp.layers = layers;
+  tp.experts = 64;
+  tp.top_k = 6;
+  tp.tokens = 6000;
+  tp.draft_layers = layers;
+  tp.draft_agreement = agreement;
+  tp.seed = seed;
+  return synthetic::generate_trace(tp);
+}
+
+prefetch::offload_profile profile_for(trace::routing_trace const& tr, int gamma) {
+  return prefetch::default_profile(tr.meta.layers, tr.meta.experts, tr.meta.top_k, 17.3e6, 17.3e6, 2.0e9, gamma);
+}
+
+}  // namespace
+
+TEST_CASE("offload sim: every mode is lossless and the oracle beats on-demand LRU", "[offload][sim]") {
+  auto const seed = std::random_device{}();
+  auto const tr = dsv2_like(seed, 0.9);
+  for (int gamma : {1, 2, 4}) {
+    auto const prof = profile_for(tr, gamma);
+    offload::offload_sim_options o;
+    o.cache_experts = tr.meta.layers * 16;
+    o.max_steps = 300;
+    o.seed = seed;
+    o.predictor = offload::sim_predictor::none;
+    o.replacement = offload::sim_replacement::lru;
+    auto const base = offload::simulate_offload(tr, prof, o);
+    CHECK(base.lossless);
+    CHECK(base.speculative_copies == 0);
+    CHECK(base.prediction_recall == 0);
+    o.predictor = offload::sim_predictor::oracle;
+    o.replacement = offload::sim_replacement::protect_lfu;
+    o.cutoff = tr.meta.layers;
+    auto const oracle = offload::simulate_offload(tr, prof, o);
+    INFO("gamma " << gamma << " base " << base.tpot_us << " oracle " << oracle.tpot_us);
+    CHECK(oracle.lossless);
+    CHECK(oracle.prediction_recall == Approx(1.0));
+    CHECK(oracle.tokens == base.tokens);  // the same drafts accepted in both
+    CHECK(oracle.tpot_us < base.tpot_us);
+    CHECK(oracle.prefetch_hit_rate > base.prefetch_hit_rate);
+    o.predictor = offload::sim_predictor::draft;
+    o.cutoff = -1;
+    auto const draft = offload::simulate_offload(tr, prof, o);
+    CHECK(draft.lossless);
+    CHECK(draft.prediction_recall > 0.3);
+    CHECK(draft.prediction_recall < oracle.prediction_recall);
+    o.predictor = offload::sim_predictor::lookahead;
+    auto const look = offload::simulate_offload(tr, prof, o);
+    CHECK(look.lossless);
+    CHECK(look.speculative_copies > 0);
+  }
+}
+
+TEST_CASE("offload sim: a cache that can hold everything loads each expert once", "[offload][sim]") {
+  auto const tr = dsv2_like(std::random_device{}(), 0.8, 4);
+  auto const prof = profile_for(tr, 1);
+  offload::offload_sim_options o;
+  o.cache_experts = 4 * 64;
+  o.max_steps = 400;
+  o.predictor = offload::sim_predictor::none;
+  auto const r = offload::simulate_offload(tr, prof, o);
+  CHECK(r.demand_copies <= 4 * 64);
+  CHECK(r.cache_hit_rate > 0.8);
+  CHECK(r.lossless);
+}
+
+TEST_CASE("offload sim: bad configurations are refused clearly", "[offload][sim]") {
+  auto const tr = dsv2_like(std::random_device{}(), 0.8, 4);
+  auto prof = profile_for(tr, 1);
+  offload::offload_sim_options o;
+  o.cache_experts = 11;  // a verification of 2 tokens x top-6 can need 12
+  require_error([&] { (void)offload::simulate_offload(tr, prof, o); }, errc::invalid_argument, "cannot hold one layer's 12 experts");
+  o.cache_experts = 64;
+  auto wrong = prefetch::default_profile(5, 64, 6, 17.3e6, 17.3e6, 2.0e9, 1);
+  require_error([&] { (void)offload::simulate_offload(tr, wrong, o); }, errc::invalid_argument, "does not match the trace");
+  auto no_draft = tr;
+  no_draft.meta.draft.reset();
+  no_draft.draft_topk_ids.clear();
+  require_error([&] { (void)offload::simulate_offload(no_draft, prof, o); }, errc::invalid_argument, "needs a trace with draft routing");
+  o.cutoff = 9;
+  require_error([&] { (void)offload::simulate_offload(tr, prof, o); }, errc::invalid_argument, "cutoff 9");
+}

@@ -1,0 +1,161 @@
+// SP-MoE's profile file, latency model, cutoff choice and depth policies (prefetch/).
+#include "support/testbed.hpp"
+
+#include <specmoe/prefetch/depth_policies.hpp>
+#include <specmoe/prefetch/latency_model.hpp>
+#include <specmoe/prefetch/offload_profile.hpp>
+#include <specmoe/synthetic/trace_generator.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+using namespace specmoe;
+using specmoe::test::require_error;
+namespace fs = std::filesystem;
+
+namespace {
+
+/// A DeepSeek-V2-Lite-like profile with random per-layer times, so no test relies on round numbers.
+prefetch::offload_profile random_profile(std::mt19937_64& rng, int gamma = 1) {
+  std::uniform_real_distribution<double> u(0.5, 1.5);
+  auto p = prefetch::default_profile(26, 64, 6, 17.3e6, 17.3e6, 2.0e9, gamma);
+  for (auto& t : p.attn_us) t *= u(rng);
+  for (auto& t : p.moe_us) t *= u(rng);
+  for (auto& a : p.accuracy) a = std::uniform_real_distribution<double>(0.3, 0.95)(rng);
+  p.draft_pass_us *= u(rng);
+  p.device = "test";
+  return p;
+}
+
+fs::path temp_file(std::string const& name) {
+  return fs::temp_directory_path() / ("specmoe_" + name + "_" + std::to_string(std::random_device{}()) + ".json");
+}
+
+}  // namespace
+
+TEST_CASE("offload profile: JSON round trip keeps every field", "[prefetch][profile]") {
+  std::mt19937_64 rng(std::random_device{}());
+  auto const p = random_profile(rng, 2);
+  auto const path = temp_file("profile");
+  prefetch::write_profile(path, p);
+  auto const q = prefetch::read_profile(path);
+  fs::remove(path);
+  CHECK(q.layers == p.layers);
+  CHECK(q.gamma == 2);
+  CHECK(q.expert_bytes == p.expert_bytes);
+  CHECK(q.draft_pass_us == p.draft_pass_us);
+  CHECK(q.attn_us == p.attn_us);
+  CHECK(q.moe_us == p.moe_us);
+  CHECK(q.accuracy == p.accuracy);
+  CHECK(q.device == "test");
+}
+
+TEST_CASE("offload profile: bad files and fields get errors naming them", "[prefetch][profile]") {
+  std::mt19937_64 rng(std::random_device{}());
+  auto p = random_profile(rng);
+  p.accuracy[3] = 1.5;
+  require_error([&] { prefetch::validate_profile(p); }, errc::invalid_argument, "accuracy[3]");
+  p = random_profile(rng);
+  p.moe_us.pop_back();
+  require_error([&] { prefetch::validate_profile(p); }, errc::invalid_argument, "moe_us has 25 entries");
+  p = random_profile(rng);
+  p.link_bytes_per_us = std::nan("");
+  require_error([&] { prefetch::validate_profile(p); }, errc::invalid_argument, "link_bytes_per_us");
+  auto const path = temp_file("bad_profile");
+  {
+    std::ofstream(path) << "{\"format\": \"specmoe-offload-profile/1\", \"layers\": 2}";
+  }
+  require_error([&] { (void)prefetch::read_profile(path); }, errc::invalid_argument, "experts");
+  {
+    std::ofstream(path) << "{\"format\": \"something-else\"}";
+  }
+  require_error([&] { (void)prefetch::read_profile(path); }, errc::io, "is not \"specmoe-offload-profile/1\"");
+  fs::remove(path);
+  require_error([&] { (void)prefetch::read_profile(path); }, errc::io, "cannot open");
+}
+
+TEST_CASE("latency model: no prefetch is the demand-only sum; perfect prediction with a free link hides copies",
+          "[prefetch][model]") {
+  std::mt19937_64 rng(std::random_device{}());
+  auto p = random_profile(rng);
+  int const all = p.layers * p.experts;
+  auto const on_demand = prefetch::estimate_step(p, 0, {all / 4, 0.0});
+  double const u = prefetch::expected_distinct(p.experts, p.top_k, p.gamma + 1);
+  double const expected = p.gamma * p.draft_pass_us + p.resident_compute_us() +
+                          p.layers * (p.copy_latency_us + u * (p.expert_copy_us() - p.copy_latency_us));
+  CHECK(on_demand.step_us == Approx(expected).epsilon(1e-9));
+  CHECK(on_demand.demand == Approx(p.layers * u));
+  CHECK(on_demand.prefetched == 0);
+  // a very long draft window, exact predictions, room for everything: copies all land in time
+  p.draft_pass_us = 1e9;
+  std::fill(p.accuracy.begin(), p.accuracy.end(), 1.0);
+  auto const hidden = prefetch::estimate_step(p, p.layers, {all, 0.0});
+  CHECK(hidden.stall_us < 1e-6 * hidden.step_us);
+  CHECK(hidden.step_us == Approx(p.gamma * p.draft_pass_us + p.resident_compute_us()).epsilon(1e-9));
+}
+
+TEST_CASE("latency model: the curve is U-shaped when prefetches outgrow the cache", "[prefetch][model]") {
+  std::mt19937_64 rng(std::random_device{}());
+  auto p = random_profile(rng);
+  p.draft_pass_us = 26 * 2 * p.expert_copy_us();  // a window that can hide about 2 layers' copies per pass ... and more
+  std::fill(p.accuracy.begin(), p.accuracy.end(), 0.9);
+  int const cache = 8 * 10;  // room for about 8 layers of prefetch
+  auto const c = prefetch::choose_cutoff(p, {cache, 0.0});
+  REQUIRE(c.curve.size() == 27u);
+  CHECK(c.cutoff > 0);
+  CHECK(c.cutoff < p.layers);
+  CHECK(c.best().tpot_us < c.curve.front().tpot_us);
+  CHECK(c.best().tpot_us < c.curve.back().tpot_us);
+  for (auto const& e : c.curve) CHECK(e.tpot_us >= c.best().tpot_us);
+}
+
+TEST_CASE("latency model: tokens per step and distinct experts", "[prefetch][model]") {
+  CHECK(prefetch::tokens_per_step(1, 0.5) == Approx(1.5));
+  CHECK(prefetch::tokens_per_step(3, 1.0) == Approx(4.0));
+  CHECK(prefetch::expected_distinct(8, 2, 1) == Approx(2.0));
+  CHECK(prefetch::expected_distinct(8, 2, 2) == Approx(8 * (1 - 0.75 * 0.75)));
+  std::mt19937_64 rng(std::random_device{}());
+  auto const p = random_profile(rng);
+  require_error([&] { (void)prefetch::estimate_step(p, 27, {100, -1}); }, errc::invalid_argument, "cutoff 27");
+  require_error([&] { (void)prefetch::estimate_step(p, 0, {5, -1}); }, errc::invalid_argument, "cannot hold one layer");
+}
+
+TEST_CASE("draft accuracy from a trace follows the draft's agreement", "[prefetch][model]") {
+  synthetic::trace_params tp;
+  tp.layers = 4;
+  tp.experts = 32;
+  tp.top_k = 4;
+  tp.tokens = 6000;
+  tp.draft_layers = 4;
+  tp.seed = std::random_device{}();
+  tp.draft_agreement = 1.0;
+  auto const exact = prefetch::draft_accuracy(synthetic::generate_trace(tp), 3);
+  tp.draft_agreement = 0.5;
+  auto const half = prefetch::draft_accuracy(synthetic::generate_trace(tp), 3);
+  for (int l = 0; l < 4; ++l) {
+    // agreeing drafts name the experts of 3 of the 4 verified tokens
+    CHECK(exact[static_cast<std::size_t>(l)] > 0.7);
+    CHECK(exact[static_cast<std::size_t>(l)] < 1.0);
+    CHECK(half[static_cast<std::size_t>(l)] < exact[static_cast<std::size_t>(l)] - 0.15);
+  }
+  tp.draft_layers = 0;
+  require_error([&] { (void)prefetch::draft_accuracy(synthetic::generate_trace(tp), 1); }, errc::invalid_argument, "no draft routing");
+}
+
+TEST_CASE("depth policies: which layers may be fetched from where", "[prefetch][depth]") {
+  prefetch::on_demand const none;
+  prefetch::fixed_depth const two(2);
+  prefetch::cutoff_layer const cut(5);
+  CHECK_FALSE(prefetch::may_prefetch(none, -1, 0));
+  CHECK(prefetch::may_prefetch(two, -1, 1));
+  CHECK_FALSE(prefetch::may_prefetch(two, -1, 2));
+  CHECK(prefetch::may_prefetch(two, 3, 5));
+  CHECK_FALSE(prefetch::may_prefetch(two, 3, 3));
+  CHECK(prefetch::may_prefetch(cut, -1, 4));
+  CHECK_FALSE(prefetch::may_prefetch(cut, -1, 5));
+  CHECK(prefetch::may_prefetch(cut, 2, 4));
+  CHECK_FALSE(prefetch::may_prefetch(cut, 4, 5));
+  CHECK_FALSE(prefetch::may_prefetch(all_resident{}, -1, 0));
+  require_error([] { prefetch::fixed_depth bad(-1); }, errc::invalid_argument, "layers_ahead");
+}
