@@ -3,11 +3,14 @@
 //   specmoe-sim --trace DIR --offload --cache-experts N [--profile PROFILE.json] [--gamma G]
 //               [--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement
 //               lru|lfu|protect|protect_lfu] [--lookahead-accuracy A] [--steps S] [--sweep]
-//               [--expert-mib M] [--seed S]
-// Without --profile the times are default_profile's for the trace's shape (--expert-mib, default
-// DeepSeek-V2-Lite's 16.5 MiB experts; 55 GB/s link). N counts GPU slots over all layers.
+//               [--expert-mib M] [--draft-mib D] [--seed S]
+// Without --profile the times are default_profile's for the trace's shape: --expert-mib (default
+// DeepSeek-V2-Lite's 16.5 MiB experts), a dense part per layer of a quarter expert, a draft that
+// streams --draft-mib per pass (default: the target's activated experts at 4 bits, a quantised
+// self-draft), 55 GB/s link. N counts GPU slots over all layers.
 // Prints one JSON object: prefetch_hit_rate, tpot_us, on_demand_tpot_us (no prefetch, LRU),
-// cutoff_layer, lossless, and more; --sweep adds the simulated and modelled TPOT at every cutoff.
+// on_demand_same_replacement_tpot_us (no prefetch, the run's replacement: the prefetch's own
+// gain), cutoff_layer, lossless, and more; --sweep adds the simulated and modelled TPOT at every cutoff.
 #pragma once
 
 #include <specmoe/detail/cli.hpp>
@@ -36,6 +39,7 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   o.max_steps = a.integer("--steps", 2000, 1, 1ll << 40);
   bool const sweep = a.has("--sweep");
   double const expert_mib = a.real("--expert-mib", 16.5, 1e-6, 1e6);
+  double const draft_mib = a.real("--draft-mib", 0.0, 0.0, 1e9);
   o.seed = static_cast<std::uint64_t>(a.integer("--seed", 1, 0, 1ll << 62));
   (void)a.has("--offload");
   a.finish();
@@ -49,9 +53,8 @@ inline int run_offload(specmoe::detail::cli::args& a) {
                     prof.gamma, "; --gamma ", gamma, " disagrees (measure a profile for it)");
   } else {
     double const eb = expert_mib * 1024 * 1024;
-    // dense part per layer ~ one expert's bytes (attention projections are of that order), draft = a
-    // dense model of about the activated target's size
-    prof = prefetch::default_profile(m.layers, m.experts, m.top_k, eb, eb, eb * m.layers * (m.top_k + 1), gamma);
+    double const draft = draft_mib > 0 ? draft_mib * 1024 * 1024 : eb * m.layers * m.top_k / 4;
+    prof = prefetch::default_profile(m.layers, m.experts, m.top_k, eb, eb / 4, draft, gamma);
     prof.model = m.model;
   }
   if (m.draft && (pred == "draft")) prof.accuracy = prefetch::draft_accuracy(tr, prof.gamma);
@@ -79,7 +82,8 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   auto const base = offload::simulate_offload(tr, prof, base_o);
   auto resident_o = base_o;
   resident_o.replacement = o.replacement;
-  o.resident_hit = offload::simulate_offload(tr, prof, resident_o).cache_hit_rate;
+  auto const same_policy = offload::simulate_offload(tr, prof, resident_o);
+  o.resident_hit = same_policy.cache_hit_rate;
   auto const r = offload::simulate_offload(tr, prof, o);
   prefetch::model_options const mo{o.cache_experts, o.resident_hit};
   auto const model = prefetch::estimate_step(prof, r.cutoff, mo);
@@ -87,13 +91,14 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   std::printf("{\"layers\": %d, \"experts\": %d, \"top_k\": %d, \"gamma\": %d, \"cache_experts\": %d, \"predictor\": \"%s\", "
               "\"replacement\": \"%s\", \"profile\": \"%s\", \"steps\": %lld, \"tokens\": %lld, "
               "\"prefetch_hit_rate\": %.4f, \"cache_hit_rate\": %.4f, \"prediction_recall\": %.4f, "
-              "\"tpot_us\": %.1f, \"on_demand_tpot_us\": %.1f, \"speedup\": %.3f, \"stall_us_per_step\": %.1f, "
+              "\"tpot_us\": %.1f, \"on_demand_tpot_us\": %.1f, \"speedup\": %.3f, \"on_demand_same_replacement_tpot_us\": %.1f, "
+              "\"stall_us_per_step\": %.1f, "
               "\"model_tpot_us\": %.1f, \"cutoff_layer\": %d, \"speculative_copies\": %lld, \"demand_copies\": %lld, "
               "\"wasted_prefetches\": %lld, \"lossless\": %s",
               m.layers, m.experts, m.top_k, prof.gamma, o.cache_experts, pred.c_str(), repl.c_str(),
               profile_path.empty() ? "defaults" : profile_path.c_str(), static_cast<long long>(r.steps),
               static_cast<long long>(r.tokens), r.prefetch_hit_rate, r.cache_hit_rate, r.prediction_recall, r.tpot_us,
-              base.tpot_us, base.tpot_us / r.tpot_us, r.stall_us, model.tpot_us, r.cutoff,
+              base.tpot_us, base.tpot_us / r.tpot_us, same_policy.tpot_us, r.stall_us, model.tpot_us, r.cutoff,
               static_cast<long long>(r.speculative_copies), static_cast<long long>(r.demand_copies),
               static_cast<long long>(r.wasted_prefetches), r.lossless ? "true" : "false");
   if (!r.lossless) std::printf(", \"lossless_detail\": \"%s\"", r.lossless_detail.c_str());
