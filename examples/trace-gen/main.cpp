@@ -2,7 +2,7 @@
 // synthetic/trace_generator.hpp; defaults follow published statistics of real models.
 //
 //   specmoe-trace-gen --out DIR [--model qwen3_30b_a3b|deepseek_v3|deepseek_v2_lite|mixtral] [--layers L] [--tokens N]
-//                     [--affinity A] [--layer-correlation C] [--expert-zipf S] [--draft-layers K] [--draft-agreement A] [--seed S]
+//                     [--affinity A] [--layer-correlation C] [--expert-zipf S] [--topics T] [--draft-layers K] [--draft-agreement A] [--seed S]
 //                     [--sample-seed S]   (same --seed, another --sample-seed: a held-out trace of the same model)
 #include <specmoe/detail/cli.hpp>
 #include <specmoe/core/moe_config.hpp>
@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   detail::cli::args a(argc, argv, "specmoe-trace-gen",
                       "specmoe-trace-gen --out DIR [--model qwen3_30b_a3b|deepseek_v3|deepseek_v2_lite|mixtral] [--layers L] [--tokens N] "
                       "[--affinity A] [--layer-correlation C] [--expert-zipf S] [--token-zipf S] [--vocab V] [--requests R] "
-                      "[--draft-layers K] [--draft-agreement A] [--seed S] [--sample-seed S]");
+                      "[--topics T] [--draft-layers K] [--draft-agreement A] [--seed S] [--sample-seed S]");
   try {
     auto const out = a.required("--out");
     auto const model = a.choice("--model", "qwen3_30b_a3b", {"qwen3_30b_a3b", "deepseek_v3", "deepseek_v2_lite", "mixtral"});
@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
     p.token_zipf = a.real("--token-zipf", p.token_zipf, 0, 10);
     p.vocab = static_cast<int>(a.integer("--vocab", p.vocab, 1, 1 << 24));
     p.requests = static_cast<int>(a.integer("--requests", p.requests, 1, 1 << 24));
+    p.topics = static_cast<int>(a.integer("--topics", 0, 0, 1 << 20));
     p.draft_layers = static_cast<int>(a.integer("--draft-layers", 0, 0, 1024));
     p.draft_agreement = a.real("--draft-agreement", p.draft_agreement, 0, 1);
     p.seed = static_cast<std::uint64_t>(a.integer("--seed", 1, 0, 1ll << 62));

@@ -14,6 +14,12 @@
 //     and pi_l(e) on one rank sees a token's rank repeat across layers (published 2-layer look-back
 //     confidence ~0.7);
 //   - weights: positive, in gate order (descending), summing to 1;
+//   - topics (when `topics` > 0; off by default): the vocabulary splits into `topics` slices by
+//     frequency rank, and each layer's experts into as many groups; a request draws one topic and
+//     takes each token from its slice with probability `topic_share`; each of a token's preferred
+//     slots comes from its slice's expert group with probability `topic_affinity` (else it follows
+//     the previous layer or popularity, as without topics). Requests then have coherent expert usage (what data-parallel request
+//     scheduling exploits), as domains do in real traffic;
 //   - draft routing (SP-MoE, when `draft_layers` > 0): the draft's layer l predicts the target's
 //     layer l * layers / draft_layers: each slot equals the target's with probability
 //     `draft_agreement`, else a popularity draw.
@@ -45,6 +51,9 @@ struct trace_params {
   double layer_correlation = 0.7;  ///< share of preferred experts that follow the previous layer's
   int requests = 16;
   std::int64_t min_request = 64, max_request = 512;
+  int topics = 0;                  ///< > 0: requests of coherent topics (see above); 0 = none
+  double topic_share = 0.8;        ///< share of a request's tokens from its topic's vocabulary slice
+  double topic_affinity = 0.7;     ///< share of a topic token's preferred slots in its topic's experts
   int draft_layers = 0;            ///< > 0: also write draft routing (SP-MoE)
   double draft_agreement = 0.75;   ///< share of draft slots equal to the target's
   std::uint64_t seed = 1;         ///< the "model": popularity, preferred experts, layer maps
@@ -84,6 +93,9 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
   SPECMOE_EXPECTS(p.affinity >= 0 && p.affinity <= 1 && p.layer_correlation >= 0 && p.layer_correlation <= 1 &&
                       p.draft_agreement >= 0 && p.draft_agreement <= 1 && p.token_zipf >= 0 && p.expert_zipf >= 0,
                   errc::invalid_argument, "trace_params: affinity, layer_correlation, draft_agreement must lie in [0, 1], skews >= 0");
+  SPECMOE_EXPECTS(p.topics >= 0 && p.topics <= std::min(p.experts, p.vocab) && p.topic_share >= 0 && p.topic_share <= 1 &&
+                      p.topic_affinity >= 0 && p.topic_affinity <= 1,
+                  errc::invalid_argument, "trace_params: topics must lie in [0, min(experts, vocab)], topic_share and topic_affinity in [0, 1]");
   SPECMOE_EXPECTS(p.requests > 0 && p.min_request > 0 && p.min_request <= p.max_request && p.draft_layers >= 0,
                   errc::invalid_argument, "trace_params: requests and request lengths must be positive, min <= max");
   std::mt19937_64 structure(p.seed);
@@ -115,7 +127,28 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
   }
   if (t0 < p.tokens) tr.meta.sequences.back().second = p.tokens;
   tr.token_ids.resize(static_cast<std::size_t>(p.tokens));
-  for (auto& id : tr.token_ids) id = vocab_perm[static_cast<std::size_t>(token_law(rng))];
+  int const topics = p.topics;
+  std::int64_t const slice = topics > 0 ? p.vocab / topics : p.vocab;  // vocabulary ranks per topic
+  std::vector<int> topic_of_id;                                         // [vocab] (topics > 0)
+  if (topics == 0) {
+    for (auto& id : tr.token_ids) id = vocab_perm[static_cast<std::size_t>(token_law(rng))];
+  } else {
+    topic_of_id.resize(static_cast<std::size_t>(p.vocab));
+    for (int i = 0; i < p.vocab; ++i) {
+      topic_of_id[static_cast<std::size_t>(vocab_perm[static_cast<std::size_t>(i)])] = static_cast<int>(std::min<std::int64_t>(i / slice, topics - 1));
+    }
+    trace_gen_detail::zipf const slice_law(static_cast<int>(slice), p.token_zipf);
+    std::bernoulli_distribution on_topic(p.topic_share);
+    for (auto const& [b, e] : tr.meta.sequences) {
+      int const topic = std::uniform_int_distribution<int>(0, topics - 1)(rng);
+      for (auto t = b; t < e; ++t) {
+        auto const rank = on_topic(rng) ? topic * slice + slice_law(rng) : static_cast<std::int64_t>(token_law(rng));
+        tr.token_ids[static_cast<std::size_t>(t)] = vocab_perm[static_cast<std::size_t>(rank)];
+      }
+    }
+    tr.meta.source += " topics=" + std::to_string(topics) + " topic_share=" + std::to_string(p.topic_share) +
+                      " topic_affinity=" + std::to_string(p.topic_affinity);
+  }
 
   // per-layer popularity (a Zipf law over a random order of the experts) and the layer maps pi_l
   trace_gen_detail::zipf const expert_law(E, p.expert_zipf);
@@ -128,6 +161,12 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
     auto& m = pi[static_cast<std::size_t>(l)];
     std::iota(m.begin(), m.end(), 0);
     std::shuffle(m.begin(), m.end(), structure);
+  }
+  // topic expert groups: per layer, a random order of the experts cut into `topics` groups
+  std::vector<std::vector<int>> topic_order(static_cast<std::size_t>(topics > 0 ? L : 0), std::vector<int>(static_cast<std::size_t>(E)));
+  for (auto& o : topic_order) {
+    std::iota(o.begin(), o.end(), 0);
+    std::shuffle(o.begin(), o.end(), structure);
   }
   std::vector<char> taken(static_cast<std::size_t>(E), 0);
   // k distinct experts: `first` (may hold -1 = draw) in order, the rest by popularity
@@ -164,6 +203,15 @@ inline trace::routing_trace generate_trace(trace_params const& p) {
         auto const& prev = preferred[static_cast<std::size_t>(layer - 1)][static_cast<std::size_t>(id)];
         for (int j = 0; j < k; ++j) {
           if (!prev.empty() && follow(own)) want[static_cast<std::size_t>(j)] = pi[static_cast<std::size_t>(layer)][static_cast<std::size_t>(prev[static_cast<std::size_t>(j)])];
+        }
+      }
+      if (topics > 0) {  // slots lean to the token's topic group, in every layer
+        std::bernoulli_distribution in_topic(p.topic_affinity);
+        int const group = E / topics, topic = topic_of_id[static_cast<std::size_t>(id)];
+        for (auto& w : want) {
+          if (in_topic(own)) {
+            w = topic_order[static_cast<std::size_t>(layer)][static_cast<std::size_t>(topic * group + std::uniform_int_distribution<int>(0, group - 1)(own))];
+          }
         }
       }
       draw_distinct(layer, want, set, own);
