@@ -39,6 +39,23 @@
 
 namespace specmoe {
 
+/// @brief Routed-expert weight tables the caller keeps on the device, used instead of the layer's
+/// own (offloaded experts: offload/device_expert_slots.cuh publishes one per layer, entry e pointing
+/// into the GPU slot that holds expert e, or null while e is not resident).
+///
+/// The layer reads entry e only for experts the routing names, from inside its kernels, so the
+/// entries may change between forwards (and before a forward's kernels run, in stream order).
+/// Every expert a forward routes to must be resident when its kernels run: the caller's job.
+/// With tables the Hopper wgmma path is off (its tensor maps are built once from fixed pointers);
+/// the stream and mma paths read the tables.
+struct cuda_expert_tables {
+  __nv_bfloat16 const* const* gate = nullptr;  ///< device array [E] of device pointers, each [F, H] with row stride gate_up_ld
+  __nv_bfloat16 const* const* up = nullptr;    ///< device array [E], each [F, H] with row stride gate_up_ld
+  __nv_bfloat16 const* const* down = nullptr;  ///< device array [E], each [H, F] with row stride down_ld
+  std::int64_t gate_up_ld = 0;                 ///< elements between rows of gate and up (>= hidden, multiple of 8)
+  std::int64_t down_ld = 0;                    ///< elements between rows of down (>= ffn, multiple of 8)
+};
+
 /// @brief Sizes the cuda layer's workspace once, at construction.
 struct cuda_layer_options {
   std::int64_t max_tokens = 8192;  ///< the most tokens one forward may carry (dropless up to here)
@@ -46,6 +63,9 @@ struct cuda_layer_options {
   /// the router runs in fp32, the expert GEMMs take bf16-rounded inputs with fp32 accumulation, and
   /// expert outputs and the combine stay fp32.
   bool fp32_activations = false;
+  /// Routed experts through caller tables (offloading); moe_weights::experts may then be empty
+  /// views (they are ignored). Router and shared experts still come from moe_weights.
+  std::optional<cuda_expert_tables> expert_tables{};
 };
 
 /// @brief One forward's input on cuda_space: device views. T is bf16 (cuda_batch) or float
@@ -92,7 +112,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     config_.validate();
     SPECMOE_EXPECTS(config_.num_ranks == 1, errc::unsupported, "moe_layer<cuda_space> runs one rank; num_ranks is ",
                     config_.num_ranks, " (expert parallelism across GPUs needs a device CommBackend)");
-    validate_weights(weights, config_, /*check_values=*/false);
+    validate_weights(options_.expert_tables ? without_routed_experts(weights) : weights, config_, /*check_values=*/false);
     SPECMOE_EXPECTS(options_.max_tokens > 0, errc::invalid_argument, "max_tokens must be positive, got ",
                     options_.max_tokens);
     SPECMOE_EXPECTS(config_.hidden_size % 8 == 0 && config_.ffn_size % 8 == 0 &&
@@ -101,9 +121,18 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                     config_.hidden_size, " and ", config_.ffn_size);
     SPECMOE_EXPECTS(config_.top_k <= 32 && config_.gate.num_groups <= 32, errc::unsupported,
                     "the GPU gate handles top_k and num_groups up to 32");
-    check_expert_tensor(weights.experts.gate, "experts.gate");
-    check_expert_tensor(weights.experts.up, "experts.up");
-    check_expert_tensor(weights.experts.down, "experts.down");
+    if (options_.expert_tables) {
+      auto const& t = *options_.expert_tables;
+      SPECMOE_EXPECTS(t.gate && t.up && t.down, errc::invalid_argument, "cuda_expert_tables: gate, up and down tables must be set");
+      SPECMOE_EXPECTS(t.gate_up_ld >= config_.hidden_size && t.gate_up_ld % 8 == 0 && t.down_ld >= config_.ffn_size &&
+                          t.down_ld % 8 == 0,
+                      errc::unsupported, "cuda_expert_tables: row strides ", t.gate_up_ld, " (gate/up) and ", t.down_ld,
+                      " (down) must be multiples of 8 and at least hidden ", config_.hidden_size, " / ffn ", config_.ffn_size);
+    } else {
+      check_expert_tensor(weights.experts.gate, "experts.gate");
+      check_expert_tensor(weights.experts.up, "experts.up");
+      check_expert_tensor(weights.experts.down, "experts.down");
+    }
     allocate();
   }
 
@@ -155,36 +184,25 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     } else {
       auto* out_ids = routing_out.topk_ids ? routing_out.topk_ids : ids_;
       auto* out_weights = routing_out.topk_weights ? routing_out.topk_weights : topk_weights_;
-      float const one = 1.0f, zero = 0.0f;
-      SPECMOE_CUBLAS_TRY(cublasSetStream(cublas_, stream));
-      // logits^T [E, n] (column-major) = W_router [E, H] . x^T
-      if constexpr (fp32) {  // fp32 router (weights widened once at construction)
-        SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one, router_f32_,
-                                        CUDA_R_32F, H, x, CUDA_R_32F, H, &zero, logits_, CUDA_R_32F, E,
-                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      } else {
-        SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
-                                        weights_.router.weight.data, CUDA_R_16BF,
-                                        static_cast<int>(weights_.router.weight.stride), x, CUDA_R_16BF, H, &zero,
-                                        logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      }
-      SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids,
-                                                 out_weights, status_, stream));
+      enqueue_gate(x, n, out_ids, out_weights, stream);
       ids = out_ids;
       weights = out_weights;
     }
     SPECMOE_CUDA_TRY(kernels::launch_layout(ids, weights, n, k, E, layout_, status_, stream));
     auto const rows = n * k;
     SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
-    SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_ptrs_, up_ptrs_,
+    // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
+    bool const own_tables = !options_.expert_tables;
+    SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
                                                             gate_up_ld_, H, config_.ffn_size, h_, stream,
-                                                            kernels::grouped_gemm_path::automatic, &gate_up_maps_));
+                                                            kernels::grouped_gemm_path::automatic,
+                                                            own_tables ? &gate_up_maps_ : nullptr));
     // expert outputs: bf16 for bf16 activations, fp32 for fp32 ones (combined in fp32 either way)
     auto* y = reinterpret_cast<dev_t*>(y_);
     auto* shared_y = reinterpret_cast<dev_t*>(shared_y_);
-    SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_ptrs_, down_ld_,
+    SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_table_, down_ld_,
                                                   config_.ffn_size, H, y, stream, kernels::grouped_gemm_path::automatic,
-                                                  &down_maps_));
+                                                  own_tables ? &down_maps_ : nullptr));
     auto const S = config_.num_shared_experts;
     if (S > 0) {
       __nv_bfloat16 const* xs = nullptr;
@@ -209,6 +227,26 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     }
     SPECMOE_CUDA_TRY(kernels::launch_combine(y, layout_.position, weights, n, k, H, shared_y, S,
                                              reinterpret_cast<dev_t*>(out.data), out.stride, status_, stream));
+  }
+
+  /// @brief Enqueues only the gate on `stream`: top-k ids and weights of x's tokens into
+  /// `routing_out` (device [tokens, top_k], both required), the same kernels and results as the
+  /// gate inside forward_async. An engine that must know the routing on the host before the
+  /// experts run (offloading: which experts to load) routes first, then calls forward_async with
+  /// that routing. NaN logits are flagged for `check`.
+  void route_async(matrix_view<bf16 const> x, cuda_routing_output routing_out, cudaStream_t stream) {
+    auto const n = x.rows;
+    SPECMOE_EXPECTS(x.cols == config_.hidden_size && x.stride == config_.hidden_size, errc::shape_mismatch, "x [", x.rows,
+                    ", ", x.cols, "] (stride ", x.stride, ") must be dense [tokens, ", config_.hidden_size, "]");
+    SPECMOE_EXPECTS(n <= options_.max_tokens, errc::invalid_argument, n, " tokens exceed max_tokens ", options_.max_tokens,
+                    " the workspace was sized for (cuda_layer_options::max_tokens)");
+    SPECMOE_EXPECTS(routing_out.topk_ids && routing_out.topk_weights, errc::invalid_argument,
+                    "route_async needs routing_out.topk_ids and routing_out.topk_weights");
+    SPECMOE_EXPECTS(n == 0 || aligned(x.data), errc::invalid_argument, "x must be 16-byte aligned device memory");
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
+                                     stream));
+    if (n == 0) return;
+    enqueue_gate(reinterpret_cast<__nv_bfloat16 const*>(x.data), n, routing_out.topk_ids, routing_out.topk_weights, stream);
   }
 
   /// @brief Waits for `stream` and raises what the device flagged during the last forward.
@@ -240,6 +278,35 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
 
  private:
   static bool aligned(void const* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+  /// The router: logits^T [E, n] (column-major) = W_router [E, H] . x^T, then the fused top-k.
+  template <class X>
+  void enqueue_gate(X const* x, std::int64_t n, std::int32_t* out_ids, float* out_weights, cudaStream_t stream) {
+    auto const H = config_.hidden_size, E = config_.num_experts;
+    float const one = 1.0f, zero = 0.0f;
+    SPECMOE_CUBLAS_TRY(cublasSetStream(cublas_, stream));
+    if constexpr (std::is_same_v<X, float>) {  // fp32 router (weights widened once at construction)
+      SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one, router_f32_,
+                                      CUDA_R_32F, H, x, CUDA_R_32F, H, &zero, logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+    } else {
+      SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
+                                      weights_.router.weight.data, CUDA_R_16BF,
+                                      static_cast<int>(weights_.router.weight.stride), x, CUDA_R_16BF, H, &zero, logits_,
+                                      CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids, out_weights,
+                                               status_, stream));
+  }
+
+  /// The weights with routed-expert views of the right shape at a placeholder address, for shape
+  /// checks when the routed experts come through cuda_expert_tables (nothing is read through them).
+  moe_weights<bf16> without_routed_experts(moe_weights<bf16> w) const {
+    static bf16 const placeholder{};
+    w.experts = ffn_weights<bf16>::dense(&placeholder, &placeholder, &placeholder, config_.num_experts, config_.hidden_size,
+                                         config_.ffn_size);
+    return w;
+  }
 
   void check_expert_tensor(expert_tensor<bf16> const& t, char const* name) const {
     SPECMOE_EXPECTS(t.row_stride % 8 == 0 && (t.count <= 1 || t.expert_stride % 8 == 0) && aligned(t.data),
@@ -333,20 +400,32 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto upload = [](__nv_bfloat16 const** dst, std::vector<__nv_bfloat16 const*> const& src) {
       if (!src.empty()) SPECMOE_CUDA_TRY(cudaMemcpy(dst, src.data(), src.size() * sizeof(void*), cudaMemcpyHostToDevice));
     };
-    auto const gate_tab = table(weights_.experts.gate, E), up_tab = table(weights_.experts.up, E),
-               down_tab = table(weights_.experts.down, E);
-    upload(gate_ptrs_, gate_tab);
-    upload(up_ptrs_, up_tab);
-    upload(down_ptrs_, down_tab);
-    gate_up_ld_ = weights_.experts.gate.row_stride;
-    SPECMOE_EXPECTS(weights_.experts.up.row_stride == gate_up_ld_, errc::unsupported,
-                    "experts.gate and experts.up need the same row stride");
-    down_ld_ = weights_.experts.down.row_stride;
-    // Tensor maps of the same weights enable the Hopper wgmma path for large groups; where they
-    // cannot be built (not sm_90, driver entry point missing) the launches use the other paths.
     auto const Ei = static_cast<int>(E), Hi = static_cast<int>(H), Fi = static_cast<int>(F);
-    gate_up_maps_ = kernels::grouped_weight_maps(gate_tab.data(), up_tab.data(), Ei, Fi, Hi, gate_up_ld_);
-    down_maps_ = kernels::grouped_weight_maps(down_tab.data(), Ei, Hi, Fi, down_ld_);
+    if (options_.expert_tables) {  // the caller's tables (offloaded experts): read as they are at each launch
+      auto const& t = *options_.expert_tables;
+      gate_table_ = t.gate;
+      up_table_ = t.up;
+      down_table_ = t.down;
+      gate_up_ld_ = t.gate_up_ld;
+      down_ld_ = t.down_ld;
+    } else {
+      auto const gate_tab = table(weights_.experts.gate, E), up_tab = table(weights_.experts.up, E),
+                 down_tab = table(weights_.experts.down, E);
+      upload(gate_ptrs_, gate_tab);
+      upload(up_ptrs_, up_tab);
+      upload(down_ptrs_, down_tab);
+      gate_table_ = gate_ptrs_;
+      up_table_ = up_ptrs_;
+      down_table_ = down_ptrs_;
+      gate_up_ld_ = weights_.experts.gate.row_stride;
+      SPECMOE_EXPECTS(weights_.experts.up.row_stride == gate_up_ld_, errc::unsupported,
+                      "experts.gate and experts.up need the same row stride");
+      down_ld_ = weights_.experts.down.row_stride;
+      // Tensor maps of the same weights enable the Hopper wgmma path for large groups; where they
+      // cannot be built (not sm_90, driver entry point missing) the launches use the other paths.
+      gate_up_maps_ = kernels::grouped_weight_maps(gate_tab.data(), up_tab.data(), Ei, Fi, Hi, gate_up_ld_);
+      down_maps_ = kernels::grouped_weight_maps(down_tab.data(), Ei, Hi, Fi, down_ld_);
+    }
     if (S > 0) {
       auto const sg = table(weights_.shared.gate, S), su = table(weights_.shared.up, S), sd = table(weights_.shared.down, S);
       upload(shared_gate_ptrs_, sg);
@@ -392,6 +471,10 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   __nv_bfloat16 const** gate_ptrs_ = nullptr;
   __nv_bfloat16 const** up_ptrs_ = nullptr;
   __nv_bfloat16 const** down_ptrs_ = nullptr;
+  // the routed tables the kernels read: the layer's own (above) or cuda_layer_options::expert_tables
+  __nv_bfloat16 const* const* gate_table_ = nullptr;
+  __nv_bfloat16 const* const* up_table_ = nullptr;
+  __nv_bfloat16 const* const* down_table_ = nullptr;
   __nv_bfloat16 const** shared_gate_ptrs_ = nullptr;
   __nv_bfloat16 const** shared_up_ptrs_ = nullptr;
   __nv_bfloat16 const** shared_down_ptrs_ = nullptr;
