@@ -5,7 +5,7 @@
 # 8 experts, top-2, 336 MiB experts, a Mistral-7B-sized draft of 13.8 GiB); caches of 25% and 50% of
 # the experts; gamma 1, 2, 4; predictors none (on-demand), lookahead (0.7), draft (cutoff from the
 # latency model) and oracle; a cutoff sweep per shape. With PROFILE_DIR, profiles measured on the GPU
-# (dsv2_lite_g{1,2,4}.json, mixtral_g{1,2,4}.json) replace the defaults where present.
+# (dsv2_lite_gamma{1,2,4}.json, mixtral_gamma{1,2,4}.json) replace the defaults where present.
 # One JSON object per line in OUT_DIR/offload.jsonl; a table with bench/offload_table.py.
 set -euo pipefail
 bin=${1:?usage: bench/run_offload_sim.sh BUILD_BIN_DIR OUT_DIR [PROFILE_DIR]}
@@ -29,7 +29,7 @@ for shape in dsv2_lite mixtral; do
       cache=$((total * share / 100))
       for gamma in 1 2 4; do
         prof=""
-        [[ -n ${profiles} && -f ${profiles}/${shape}_g${gamma}.json ]] && prof="--profile ${profiles}/${shape}_g${gamma}.json"
+        [[ -n ${profiles} && -f ${profiles}/${shape}_gamma${gamma}.json ]] && prof="--profile ${profiles}/${shape}_gamma${gamma}.json"
         for p in lookahead draft oracle; do
           # shellcheck disable=SC2086
           "${bin}/specmoe-sim" --trace "${trace}" --offload --cache-experts "${cache}" --gamma "${gamma}" --predictor "${p}" \

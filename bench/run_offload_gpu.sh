@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# bench/run_offload_gpu.sh OUT_DIR: one device call's work for SP-MoE (issue 7) on one GPU.
+#  1. builds the offload GPU tests and bench, the layer GPU tests (the offload path shares the layer),
+#     and the host tools (specmoe-trace-gen, -plan, -sim);
+#  2. runs the GPU tests (tests.log);
+#  3. runs the offload benchmark (offload.json), which also measures profiles into OUT_DIR/profiles;
+#  4. captures routing from small random transformers models (Mixtral and Qwen3-MoE families) with a
+#     random draft through the target's gates (capture_routing.py), and reads them back with the tools;
+#  5. replays the simulation with the measured profiles (bench/run_offload_sim.sh).
+# Run from the repository root: bash bench/run_offload_gpu.sh "$OUT"
+set -uo pipefail
+out=${1:?usage: bench/run_offload_gpu.sh OUT_DIR}
+mkdir -p "${out}/profiles"
+export NCCL_NVLS_ENABLE=0
+{
+  cmake --preset cuda -DSPECMOE_BUILD_EXAMPLES=ON &&
+    timeout "${SPECMOE_BUILD_TIMEOUT:-360}" cmake --build build/cuda -j"$(nproc)" --target specmoe_offload_cuda_tests \
+      specmoe_layer_cuda_tests specmoe_offload_offload_bench specmoe-trace-gen specmoe-plan specmoe-sim
+} >"${out}/build.log" 2>&1 || { tail -40 "${out}/build.log"; exit 1; }
+status=0
+for t in build/cuda/bin/specmoe_offload_cuda_tests build/cuda/bin/specmoe_layer_cuda_tests; do
+  echo "== ${t}"
+  timeout 240 "${t}" 2>&1 | tee -a "${out}/tests.log" | tail -4
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+done
+SPECMOE_PROFILE_OUT="${out}/profiles" timeout 200 build/cuda/bin/specmoe_offload_offload_bench \
+  --benchmark_out="${out}/offload.json" --benchmark_out_format=json 2>&1 | grep -v '^\*\*\*WARNING' | tail -60
+for fam in mixtral qwen3_moe; do
+  python3 examples/capture/capture_routing.py --random "${fam}" --layers 4 --random-draft --device cuda \
+    --out "${out}/capture_${fam}" 2>&1 | tail -3 &&
+    build/cuda/bin/specmoe-plan --trace "${out}/capture_${fam}" --ranks 2 --out "${out}/capture_${fam}/plan.json" | head -c 300 &&
+    echo && build/cuda/bin/specmoe-sim --trace "${out}/capture_${fam}" --offload --cache-experts 16 --steps 50 | head -c 400 ||
+    status=1
+  echo
+done
+SPECMOE_OFFLOAD_STEPS=${SPECMOE_OFFLOAD_STEPS:-200} timeout 150 bash bench/run_offload_sim.sh build/cuda/bin "${out}/sim" "${out}/profiles" |
+  tail -2
+exit ${status}
