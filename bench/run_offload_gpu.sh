@@ -8,17 +8,20 @@
 #     random draft through the target's gates (capture_routing.py), and reads them back with the tools;
 #  5. replays the simulation with the measured profiles (bench/run_offload_sim.sh).
 # Run from the repository root: bash bench/run_offload_gpu.sh "$OUT"
+# SPECMOE_OFFLOAD_SKIP_LAYER=1 leaves the layer GPU tests out (when only offload code changed).
 set -uo pipefail
 out=${1:?usage: bench/run_offload_gpu.sh OUT_DIR}
 mkdir -p "${out}/profiles"
+layer_target=specmoe_layer_cuda_tests
+[[ -n ${SPECMOE_OFFLOAD_SKIP_LAYER:-} ]] && layer_target=
 export NCCL_NVLS_ENABLE=0
 {
   cmake --preset cuda -DSPECMOE_BUILD_EXAMPLES=ON &&
     timeout "${SPECMOE_BUILD_TIMEOUT:-360}" cmake --build build/cuda -j"$(nproc)" --target specmoe_offload_cuda_tests \
-      specmoe_layer_cuda_tests specmoe_offload_offload_bench specmoe-trace-gen specmoe-plan specmoe-sim
+      ${layer_target} specmoe_offload_offload_bench specmoe-trace-gen specmoe-plan specmoe-sim
 } >"${out}/build.log" 2>&1 || { tail -40 "${out}/build.log"; exit 1; }
 status=0
-for t in build/cuda/bin/specmoe_offload_cuda_tests build/cuda/bin/specmoe_layer_cuda_tests; do
+for t in build/cuda/bin/specmoe_offload_cuda_tests ${layer_target:+build/cuda/bin/${layer_target}}; do
   echo "== ${t}"
   timeout 240 "${t}" 2>&1 | tee -a "${out}/tests.log" | tail -4
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1

@@ -29,7 +29,7 @@ for shape in dsv2_lite mixtral; do
       cache=$((total * share / 100))
       for gamma in 1 2 4; do
         prof=""
-        [[ -n ${profiles} && -f ${profiles}/${shape}_gamma${gamma}.json ]] && prof="--profile ${profiles}/${shape}_gamma${gamma}.json"
+        [[ -n ${profiles} && -f ${profiles}/${shape}_gamma${gamma}.json ]] && prof="--profile ${profiles}/${shape}_gamma${gamma}.json --stretch-profile"
         for p in lookahead draft oracle; do
           # shellcheck disable=SC2086
           "${bin}/specmoe-sim" --trace "${trace}" --offload --cache-experts "${cache}" --gamma "${gamma}" --predictor "${p}" \

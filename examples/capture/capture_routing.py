@@ -182,8 +182,11 @@ def capture(model, draft, requests, device):
     layer_ids = [i for i, _ in blocks]
     per_layer = {i: ([], []) for i in layer_ids}
     hooks = []
+    in_draft = [False]  # the draft's states go through the target's gates too: not the target's routing
     for i, block in blocks:
         def record(_mod, _inp, out, i=i):
+            if in_draft[0]:
+                return
             ids, w = routing_from_gate_output(out, k, renorm)
             per_layer[i][0].append(ids.cpu())
             per_layer[i][1].append(w.cpu())
@@ -198,8 +201,12 @@ def capture(model, draft, requests, device):
         for i in layer_ids:
             def through_target_gate(_mod, _inp, out, i=i):
                 a = out[0] if isinstance(out, (tuple, list)) else out
-                with torch.no_grad():
-                    g = gates[i].gate(a.reshape(-1, a.shape[-1]).to(next(gates[i].gate.parameters()).dtype))
+                in_draft[0] = True
+                try:
+                    with torch.no_grad():
+                        g = gates[i].gate(a.reshape(-1, a.shape[-1]).to(next(gates[i].gate.parameters()).dtype))
+                finally:
+                    in_draft[0] = False
                 ids, _ = routing_from_gate_output(g, k, renorm)
                 draft_ids[i].append(ids.cpu())
             hooks.append(dlayers[i].self_attn.register_forward_hook(through_target_gate))

@@ -125,8 +125,8 @@ int main(int argc, char** argv) {
                       "[--unbalanced] [--tokens N] [--hidden H] [--seed S]\n"
                       "   or: specmoe-sim --trace DIR --offload --cache-experts N [--profile P.json] [--gamma G] "
                       "[--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement lru|lfu|protect|protect_lfu] "
-                      "[--lookahead-accuracy A] [--steps S] [--sweep] [--expert-mib M] [--draft-mib D] [--seed S]",
-                      {"--unbalanced", "--offload", "--sweep"});
+                      "[--lookahead-accuracy A] [--steps S] [--sweep] [--expert-mib M] [--draft-mib D] [--stretch-profile] [--seed S]",
+                      {"--unbalanced", "--offload", "--sweep", "--stretch-profile"});
   try {
     if (a.has("--offload")) return specmoe_sim::run_offload(a);
     sim_setup s;

@@ -3,7 +3,7 @@
 //   specmoe-sim --trace DIR --offload --cache-experts N [--profile PROFILE.json] [--gamma G]
 //               [--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement
 //               lru|lfu|protect|protect_lfu] [--lookahead-accuracy A] [--steps S] [--sweep]
-//               [--expert-mib M] [--draft-mib D] [--seed S]
+//               [--expert-mib M] [--draft-mib D] [--stretch-profile] [--seed S]
 // Without --profile the times are default_profile's for the trace's shape: --expert-mib (default
 // DeepSeek-V2-Lite's 16.5 MiB experts), a dense part per layer of a quarter expert, a draft that
 // streams --draft-mib per pass (default: the target's activated experts at 4 bits, a quantised
@@ -38,17 +38,33 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   o.lookahead_accuracy = a.real("--lookahead-accuracy", 0.7, 0.0, 1.0);
   o.max_steps = a.integer("--steps", 2000, 1, 1ll << 40);
   bool const sweep = a.has("--sweep");
+  (void)a.has("--stretch-profile");
   double const expert_mib = a.real("--expert-mib", 16.5, 1e-6, 1e6);
   double const draft_mib = a.real("--draft-mib", 0.0, 0.0, 1e9);
   o.seed = static_cast<std::uint64_t>(a.integer("--seed", 1, 0, 1ll << 62));
   (void)a.has("--offload");
   a.finish();
 
+  bool const stretch = a.has("--stretch-profile");
   auto const tr = trace::read_trace(dir);
   auto const& m = tr.meta;
   prefetch::offload_profile prof;
   if (!profile_path.empty()) {
     prof = prefetch::read_profile(profile_path);
+    if (stretch && prof.layers != m.layers) {
+      // a profile measured on a few layers of the model: its per-layer times repeat over the
+      // trace's layers (the draft pass scales with the layer count)
+      auto repeat = [&](std::vector<double> const& v) {
+        std::vector<double> out(static_cast<std::size_t>(m.layers));
+        for (int l = 0; l < m.layers; ++l) out[static_cast<std::size_t>(l)] = v[static_cast<std::size_t>(l % prof.layers)];
+        return out;
+      };
+      prof.draft_pass_us *= static_cast<double>(m.layers) / prof.layers;
+      prof.attn_us = repeat(prof.attn_us);
+      prof.moe_us = repeat(prof.moe_us);
+      prof.accuracy = repeat(prof.accuracy);
+      prof.layers = m.layers;
+    }
     SPECMOE_EXPECTS(!a.has("--gamma") || prof.gamma == gamma, errc::invalid_argument, profile_path, " was measured for gamma ",
                     prof.gamma, "; --gamma ", gamma, " disagrees (measure a profile for it)");
   } else {

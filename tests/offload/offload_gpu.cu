@@ -470,7 +470,9 @@ report stress_racing_prefetches(std::uint64_t seed, int steps) {
   c.steps = steps;
   c.seed = seed;
   c.predict = prediction::wrong;
-  int const slots = std::min(m.cfg.num_experts, c.tokens * m.cfg.top_k);  // the least the stack accepts
+  // the least the stack accepts (it sizes for max_tokens, not this step's tokens): one layer's worth
+  // of the 4 layers' experts, so every step evicts
+  int const slots = m.cfg.num_experts;
   return run_stack<so::lru_replacement>(m, c, slots, true);
 }
 

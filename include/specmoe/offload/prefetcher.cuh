@@ -60,7 +60,12 @@ struct prefetcher_config {
   int min_slots = 1;              ///< the most distinct experts one acquire may need (one layer's
                                   ///< verification: min(E, tokens x top_k)); fewer slots is an error
   int max_batch = 4;              ///< jobs the worker issues together (coalesced, one batch copy)
-  int max_inflight_batches = 2;   ///< worker batches in the copy stream at once; the rest stays stealable
+  int max_inflight_batches = 1;   ///< worker batches in the copy stream at once; the rest stays stealable
+  /// Bytes one worker batch may carry (at least one expert). Issued copies cannot be overtaken: a
+  /// demand load waits for what is in flight, so this bounds its wait. Measured on an H100: with 8
+  /// Mixtral experts (2.8 GB) in flight, demand loads waited behind them and draft prefetch lost to
+  /// plain on-demand loading.
+  std::size_t max_inflight_bytes = std::size_t{64} << 20;
   bool batched_copies = true;     ///< use cudaMemcpyBatchAsync where the toolkit has it (CUDA 12.8+)
 
   friend bool operator==(prefetcher_config const&, prefetcher_config const&) = default;
@@ -519,7 +524,9 @@ class prefetcher {
   /// Under the lock: the next live jobs, up to max_batch, marked worker_issuing.
   void pop_batch(std::vector<fill_job>& batch) {
     batch.clear();
-    while (static_cast<int>(batch.size()) < config_.max_batch && !queue_.empty()) {
+    std::size_t const by_bytes = std::max<std::size_t>(1, config_.max_inflight_bytes / store_.expert_bytes());
+    int const limit = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(config_.max_batch), by_bytes));
+    while (static_cast<int>(batch.size()) < limit && !queue_.empty()) {
       auto const [s, ticket] = queue_.front();
       queue_.pop_front();
       auto& f = fill_of(s);
