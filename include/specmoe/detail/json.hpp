@@ -8,6 +8,9 @@
 #include <specmoe/core/error.hpp>
 
 #include <charconv>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -343,6 +346,29 @@ inline value parse(std::string_view text, std::string_view source = "JSON") {
   p.skip_ws();
   if (p.pos != text.size()) p.fail("unexpected text after the value");
   return v;
+}
+
+/// Reads and parses a JSON file, checks its "format" is `format`, and returns the document.
+/// @throw specmoe::error io (unreadable, wrong format) or invalid_argument (bad JSON), naming the file.
+inline value read_file(std::filesystem::path const& path, std::string_view format) {
+  std::string const file = path.string();
+  std::ifstream in(path, std::ios::binary);
+  SPECMOE_EXPECTS(in.good(), errc::io, file, ": cannot open (missing or unreadable)");
+  std::ostringstream text;
+  text << in.rdbuf();
+  auto doc = parse(text.str(), file);
+  auto const& got = doc.at("format", file).as_string(file + ": format");
+  SPECMOE_EXPECTS(got == format, errc::io, file, ": format \"", got, "\" is not \"", format, "\"");
+  return doc;
+}
+
+/// Writes `doc` pretty-printed to `path`.
+/// @throw specmoe::error io naming the file when it cannot be written.
+inline void write_file(std::filesystem::path const& path, value const& doc) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": cannot open for writing");
+  out << doc.dump(true) << '\n';
+  SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": write failed");
 }
 
 }  // namespace specmoe::detail::json

@@ -20,9 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -263,22 +261,13 @@ inline void write_plan(std::filesystem::path const& path, speculative_plan const
                            {"ranks", plan.ranks},   {"replicas_per_rank", plan.replicas_per_rank},
                            {"theta", plan.theta},   {"solver", plan.solver},
                            {"per_layer", value(std::move(layers))}};
-  std::ofstream out(path, std::ios::trunc);
-  SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": cannot open for writing");
-  out << value(std::move(doc)).dump(true) << '\n';
-  SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": write failed");
+  detail::json::write_file(path, value(std::move(doc)));
 }
 
 /// Reads and checks a plan written by write_plan (or by hand).
 inline speculative_plan read_plan(std::filesystem::path const& path) {
   std::string const file = path.string();
-  std::ifstream in(path, std::ios::binary);
-  SPECMOE_EXPECTS(in.good(), errc::io, file, ": cannot open (missing or unreadable)");
-  std::ostringstream text;
-  text << in.rdbuf();
-  auto const doc = detail::json::parse(text.str(), file);
-  auto const& format = doc.at("format", file).as_string(file + ": format");
-  SPECMOE_EXPECTS(format == plan_format, errc::io, file, ": format \"", format, "\" is not \"", plan_format, "\"");
+  auto const doc = detail::json::read_file(path, plan_format);
   speculative_plan p;
   p.layers = static_cast<int>(doc.at("layers", file).as_int(file + ": layers"));
   p.experts = static_cast<int>(doc.at("experts", file).as_int(file + ": experts"));

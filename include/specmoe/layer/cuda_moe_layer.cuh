@@ -3,6 +3,7 @@
 #pragma once
 
 #include <specmoe/core/bfloat16.hpp>
+#include <specmoe/core/cuda_error.cuh>
 #include <specmoe/core/error.hpp>
 #include <specmoe/core/expert_weights.hpp>
 #include <specmoe/kernels/combine.cuh>
@@ -20,14 +21,6 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
-
-/// Throws specmoe::error{errc::cuda} naming the call when a CUDA runtime call fails.
-#define SPECMOE_CUDA_TRY(call)                                                                         \
-  do {                                                                                                 \
-    cudaError_t const specmoe_err_ = (call);                                                           \
-    SPECMOE_EXPECTS(specmoe_err_ == cudaSuccess, ::specmoe::errc::cuda, #call, " failed: ",            \
-                    cudaGetErrorName(specmoe_err_), " (", cudaGetErrorString(specmoe_err_), ")");      \
-  } while (0)
 
 /// Throws specmoe::error{errc::cuda} naming the call when a cuBLAS call fails.
 #define SPECMOE_CUBLAS_TRY(call)                                                                       \

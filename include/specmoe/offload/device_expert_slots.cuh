@@ -47,7 +47,7 @@ class device_expert_slots {
   device_expert_slots(expert_layout const& layout, int slots) : layout_(layout), slots_(slots) {
     layout_.validate();
     SPECMOE_EXPECTS(slots > 0, errc::invalid_argument, "device_expert_slots: slots must be positive, got ", slots);
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaMalloc(&pool_, pool_bytes()));
+    SPECMOE_CUDA_TRY(cudaMalloc(&pool_, pool_bytes()));
     std::size_t const table_bytes = table_entries() * sizeof(void*);
     if (cudaError_t const err = cudaMalloc(&tables_, table_bytes); err != cudaSuccess) {
       cudaFree(pool_);

@@ -42,7 +42,7 @@ class host_expert_store {
   explicit host_expert_store(expert_layout const& layout) : layout_(layout) {
     layout_.validate();
     void* p = nullptr;
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaHostAlloc(&p, layout_.total_bytes(), cudaHostAllocPortable));
+    SPECMOE_CUDA_TRY(cudaHostAlloc(&p, layout_.total_bytes(), cudaHostAllocPortable));
     data_ = static_cast<std::byte*>(p);
   }
 
@@ -58,7 +58,7 @@ class host_expert_store {
     SPECMOE_EXPECTS(reinterpret_cast<std::uintptr_t>(memory.data()) % expert_layout::block_alignment == 0,
                     errc::invalid_argument, "host_expert_store: caller memory must be ", expert_layout::block_alignment,
                     "-byte aligned");
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaHostRegister(memory.data(), layout_.total_bytes(), cudaHostRegisterPortable));
+    SPECMOE_CUDA_TRY(cudaHostRegister(memory.data(), layout_.total_bytes(), cudaHostRegisterPortable));
     data_ = memory.data();
   }
 

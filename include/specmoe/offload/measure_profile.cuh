@@ -53,7 +53,7 @@ namespace profile_detail {
 /// Device buffer freed at scope end.
 struct device_buffer {
   void* p = nullptr;
-  explicit device_buffer(std::size_t bytes) { SPECMOE_OFFLOAD_CUDA_TRY(cudaMalloc(&p, std::max<std::size_t>(bytes, 1))); }
+  explicit device_buffer(std::size_t bytes) { SPECMOE_CUDA_TRY(cudaMalloc(&p, std::max<std::size_t>(bytes, 1))); }
   device_buffer(device_buffer const&) = delete;
   device_buffer& operator=(device_buffer const&) = delete;
   ~device_buffer() { cudaFree(p); }
@@ -65,7 +65,7 @@ struct device_buffer {
 class event_timer {
  public:
   explicit event_timer(cudaStream_t stream) : stream_(stream) {
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaEventCreate(&start_));
+    SPECMOE_CUDA_TRY(cudaEventCreate(&start_));
     if (cudaError_t const err = cudaEventCreate(&stop_); err != cudaSuccess) {
       cudaEventDestroy(start_);
       detail::throw_cuda(err, "cudaEventCreate");
@@ -80,15 +80,15 @@ class event_timer {
   template <class Enqueue>
   double median_us(int repeats, Enqueue&& enqueue) {
     enqueue(stream_);
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaStreamSynchronize(stream_));
+    SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream_));
     std::vector<double> us;
     for (int i = 0; i < repeats; ++i) {
-      SPECMOE_OFFLOAD_CUDA_TRY(cudaEventRecord(start_, stream_));
+      SPECMOE_CUDA_TRY(cudaEventRecord(start_, stream_));
       enqueue(stream_);
-      SPECMOE_OFFLOAD_CUDA_TRY(cudaEventRecord(stop_, stream_));
-      SPECMOE_OFFLOAD_CUDA_TRY(cudaEventSynchronize(stop_));
+      SPECMOE_CUDA_TRY(cudaEventRecord(stop_, stream_));
+      SPECMOE_CUDA_TRY(cudaEventSynchronize(stop_));
       float ms = 0;
-      SPECMOE_OFFLOAD_CUDA_TRY(cudaEventElapsedTime(&ms, start_, stop_));
+      SPECMOE_CUDA_TRY(cudaEventElapsedTime(&ms, start_, stop_));
       us.push_back(static_cast<double>(ms) * 1e3);
     }
     std::nth_element(us.begin(), us.begin() + static_cast<std::ptrdiff_t>(us.size() / 2), us.end());
@@ -127,7 +127,7 @@ prefetch::offload_profile measure_profile(moe_config const& config, std::span<mo
                   "measure_profile: accuracy has ", options.accuracy.size(), " entries for ", L, " layers");
 
   cudaStream_t stream = nullptr;
-  SPECMOE_OFFLOAD_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   struct stream_guard {
     cudaStream_t s;
     ~stream_guard() { cudaStreamDestroy(s); }
@@ -138,8 +138,8 @@ prefetch::offload_profile measure_profile(moe_config const& config, std::span<mo
   prefetch::offload_profile p;
   int device = 0;
   cudaDeviceProp prop{};
-  SPECMOE_OFFLOAD_CUDA_TRY(cudaGetDevice(&device));
-  SPECMOE_OFFLOAD_CUDA_TRY(cudaGetDeviceProperties(&prop, device));
+  SPECMOE_CUDA_TRY(cudaGetDevice(&device));
+  SPECMOE_CUDA_TRY(cudaGetDeviceProperties(&prop, device));
   p.device = prop.name;
   p.model = options.model;
   p.layers = L;
@@ -155,7 +155,7 @@ prefetch::offload_profile measure_profile(moe_config const& config, std::span<mo
     profile_detail::device_buffer dst(static_cast<std::size_t>(batch) * B);
     auto copy = [&](std::size_t bytes) {
       return [&, bytes](cudaStream_t s) {
-        SPECMOE_OFFLOAD_CUDA_TRY(cudaMemcpyAsync(dst.p, store.data(), bytes, cudaMemcpyHostToDevice, s));
+        SPECMOE_CUDA_TRY(cudaMemcpyAsync(dst.p, store.data(), bytes, cudaMemcpyHostToDevice, s));
       };
     };
     double const one = timer.median_us(options.repeats, copy(B));
@@ -178,15 +178,15 @@ prefetch::offload_profile measure_profile(moe_config const& config, std::span<mo
     for (auto& v : x_host) v = bf16(d(rng));
   }
   profile_detail::device_buffer x(x_host.size() * sizeof(bf16)), out(x_host.size() * sizeof(bf16));
-  SPECMOE_OFFLOAD_CUDA_TRY(cudaMemcpyAsync(x.p, x_host.data(), x_host.size() * sizeof(bf16), cudaMemcpyHostToDevice, stream));
-  SPECMOE_OFFLOAD_CUDA_TRY(cudaStreamSynchronize(stream));
+  SPECMOE_CUDA_TRY(cudaMemcpyAsync(x.p, x_host.data(), x_host.size() * sizeof(bf16), cudaMemcpyHostToDevice, stream));
+  SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
   {
     profile_detail::device_buffer experts(static_cast<std::size_t>(E) * B);
     auto const& lay = store.layout();
     auto const block_elems = static_cast<std::int64_t>(B / sizeof(bf16));
     auto const F = config.ffn_size;
     for (int l = 0; l < L; ++l) {
-      SPECMOE_OFFLOAD_CUDA_TRY(cudaMemcpy(experts.p, store.expert(l, 0), static_cast<std::size_t>(E) * B, cudaMemcpyHostToDevice));
+      SPECMOE_CUDA_TRY(cudaMemcpy(experts.p, store.expert(l, 0), static_cast<std::size_t>(E) * B, cudaMemcpyHostToDevice));
       auto w = resident_parts[static_cast<std::size_t>(l)];
       auto const* base = experts.as<bf16>();
       auto const gate_off = static_cast<std::int64_t>(lay.gate_offset() / sizeof(bf16));
@@ -211,8 +211,8 @@ prefetch::offload_profile measure_profile(moe_config const& config, std::span<mo
     profile_detail::device_buffer w_qkv(static_cast<std::size_t>(qkv * H) * 2), w_o(static_cast<std::size_t>(H) * H * 2),
         y(static_cast<std::size_t>(n * qkv) * 2);
     // 0x3c3c is a small finite bf16: the values do not change the timing
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaMemsetAsync(w_qkv.p, 0x3c, static_cast<std::size_t>(qkv * H) * 2, stream));
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaMemsetAsync(w_o.p, 0x3c, static_cast<std::size_t>(H) * H * 2, stream));
+    SPECMOE_CUDA_TRY(cudaMemsetAsync(w_qkv.p, 0x3c, static_cast<std::size_t>(qkv * H) * 2, stream));
+    SPECMOE_CUDA_TRY(cudaMemsetAsync(w_o.p, 0x3c, static_cast<std::size_t>(H) * H * 2, stream));
     cublasHandle_t handle = nullptr;
     SPECMOE_EXPECTS(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS, errc::cuda, "measure_profile: cublasCreate failed");
     struct handle_guard {

@@ -80,7 +80,7 @@ class offloaded_moe_stack {
                                                                 typename moe_layer<cuda_space>::policies_type{}, lo));
     }
     std::size_t const slots_per_forward = static_cast<std::size_t>(options_.max_tokens) * static_cast<std::size_t>(config_.top_k);
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaMalloc(&device_routing_, slots_per_forward * (sizeof(std::int32_t) + sizeof(float))));
+    SPECMOE_CUDA_TRY(cudaMalloc(&device_routing_, slots_per_forward * (sizeof(std::int32_t) + sizeof(float))));
     if (cudaError_t const err = cudaHostAlloc(&host_ids_, slots_per_forward * sizeof(std::int32_t), cudaHostAllocDefault);
         err != cudaSuccess) {
       cudaFree(device_routing_);
@@ -108,7 +108,7 @@ class offloaded_moe_stack {
     auto* weights = reinterpret_cast<float*>(ids + options_.max_tokens * k);
     l.route_async(x, {ids, weights}, stream);
     if (n > 0) {
-      SPECMOE_OFFLOAD_CUDA_TRY(cudaMemcpyAsync(host_ids_, ids, count * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
+      SPECMOE_CUDA_TRY(cudaMemcpyAsync(host_ids_, ids, count * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
     }
     l.check(stream);  // the host round trip; also raises NaN logits before any expert is loaded
     routing_view const r{std::span<std::int32_t const>(ids, count), std::span<float const>(weights, count), n, k};

@@ -122,7 +122,7 @@ class prefetcher {
         slots_(store.layout(), config.slots),
         fills_(static_cast<std::size_t>(config.slots)),
         batch_api_(config.batched_copies) {
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaGetDevice(&device_));
+    SPECMOE_CUDA_TRY(cudaGetDevice(&device_));
     try {
       create_cuda_objects();
     } catch (...) {
@@ -321,7 +321,7 @@ class prefetcher {
       state_cv_.wait(lk, [&] { return failed() || (queued_ == 0 && !worker_busy_); });
       rethrow_if_failed();
     }
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaStreamSynchronize(speculative_stream_));
+    SPECMOE_CUDA_TRY(cudaStreamSynchronize(speculative_stream_));
   }
 
   [[nodiscard]] prefetch_counters counters() const {
@@ -558,12 +558,12 @@ class prefetcher {
 
   void create_cuda_objects() {
     int least = 0, greatest = 0;
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaStreamCreateWithPriority(&speculative_stream_, cudaStreamNonBlocking, least));
-    SPECMOE_OFFLOAD_CUDA_TRY(cudaStreamCreateWithPriority(&demand_stream_, cudaStreamNonBlocking, greatest));
+    SPECMOE_CUDA_TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    SPECMOE_CUDA_TRY(cudaStreamCreateWithPriority(&speculative_stream_, cudaStreamNonBlocking, least));
+    SPECMOE_CUDA_TRY(cudaStreamCreateWithPriority(&demand_stream_, cudaStreamNonBlocking, greatest));
     auto make_events = [](std::vector<cudaEvent_t>& v, std::size_t n) {
       v.assign(n, nullptr);
-      for (auto& e : v) SPECMOE_OFFLOAD_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      for (auto& e : v) SPECMOE_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     };
     make_events(arrived_, fills_.size());
     make_events(released_, fills_.size());

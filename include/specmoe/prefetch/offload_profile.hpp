@@ -15,8 +15,6 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -138,24 +136,14 @@ inline void write_profile(std::filesystem::path const& path, offload_profile con
                            {"attn_us", doubles(p.attn_us)},
                            {"moe_us", doubles(p.moe_us)},
                            {"accuracy", doubles(p.accuracy)}};
-  std::ofstream out(path, std::ios::binary);
-  SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": cannot open for writing");
-  out << value(std::move(doc)).dump(true) << '\n';
-  SPECMOE_EXPECTS(out.good(), errc::io, path.string(), ": write failed");
+  detail::json::write_file(path, value(std::move(doc)));
 }
 
 /// Reads and checks a profile written by write_profile (or by hand).
 /// @throw specmoe::error io (unreadable, wrong format) or invalid_argument (a bad field), naming the file.
 inline offload_profile read_profile(std::filesystem::path const& path) {
   std::string const file = path.string();
-  std::ifstream in(path, std::ios::binary);
-  SPECMOE_EXPECTS(in.good(), errc::io, file, ": cannot open (missing or unreadable)");
-  std::ostringstream text;
-  text << in.rdbuf();
-  auto const doc = detail::json::parse(text.str(), file);
-  auto const& format = doc.at("format", file).as_string(file + ": format");
-  SPECMOE_EXPECTS(format == offload_profile_format, errc::io, file, ": format \"", format, "\" is not \"",
-                  offload_profile_format, "\"");
+  auto const doc = detail::json::read_file(path, offload_profile_format);
   offload_profile p;
   auto num = [&](char const* key) { return doc.at(key, file).as_double(file + ": " + key); };
   auto integer = [&](char const* key) { return static_cast<int>(doc.at(key, file).as_int(file + ": " + key)); };
