@@ -81,7 +81,6 @@ struct step_estimate {
   double const total = static_cast<double>(p.layers) * p.experts;
   double const h = o.resident_hit >= 0 ? std::min(1.0, o.resident_hit) : std::min(1.0, o.cache_experts / total);
   double const t_io = p.expert_copy_us();
-  double const pass_layer = p.draft_pass_us / p.layers;
 
   // Prefetch volume per layer: the distinct predictions of the gamma drafted inputs, less what is
   // resident; pass j adds the experts its token names that earlier passes did not.
@@ -116,7 +115,6 @@ struct step_estimate {
       if (amount > 0) queue.push_back({l, amount, (j + (l + 1.0) / p.layers) * p.draft_pass_us});
     }
   }
-  (void)pass_layer;
   std::size_t head = 0;
   double link = 0;                         // when the link is next free
   std::vector<double> done(static_cast<std::size_t>(p.layers), 0.0);      // when each layer's prefetches landed
