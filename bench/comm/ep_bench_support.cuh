@@ -1,0 +1,117 @@
+// bench/comm/ep_bench_support.cuh: runs one measurement on every rank of an expert-parallel group,
+// a thread per rank (rank r on GPU r % GPUs), in lockstep rounds; shared by the EP benchmarks.
+#pragma once
+
+#include <specmoe/comm/bootstrap.hpp>
+#include <specmoe/core/cuda_error.cuh>
+
+#include <cuda_runtime.h>
+#if SPECMOE_HAS_NCCL
+#include <nccl.h>
+#endif
+
+#include <algorithm>
+#include <barrier>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace specmoe::bench {
+
+inline int gpu_count() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+/// Ranks of the group: every GPU, or SPECMOE_EP_RANKS (more ranks than GPUs share them: a
+/// functional run, not a measurement of links).
+inline int ep_ranks() {
+  if (char const* env = std::getenv("SPECMOE_EP_RANKS")) return std::max(1, std::atoi(env));
+  return std::max(1, gpu_count());
+}
+
+/// Per rank and round: the seconds each timed part took (averaged over the inner repetitions).
+struct rank_times {
+  std::vector<std::vector<double>> parts;  // [part][round]
+};
+
+/// One rank's work: `setup(rank)` builds its state (collectively), `step(part, stream)` enqueues
+/// timed part `part` (0..parts-1) of one repetition. Rounds start together (host barrier); each
+/// part is timed with events on the rank's stream; the slowest rank's time counts.
+struct ep_job {
+  int parts = 1;
+  int rounds = 10;
+  int inner = 10;
+  std::function<std::function<void(int, cudaStream_t)>(int rank)> setup;  // returns the step
+};
+
+/// Runs `job` on `ranks` threads; returns [part][round] = max over ranks of the part's mean time.
+inline std::vector<std::vector<double>> run_ep_job(int ranks, ep_job const& job) {
+  int const gpus = std::max(1, gpu_count());
+  std::vector<rank_times> times(static_cast<std::size_t>(ranks));
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
+  std::barrier sync(ranks);
+  auto body = [&](int r) {
+    bool arrived_final = false;
+    try {
+      SPECMOE_CUDA_TRY(cudaSetDevice(r % gpus));
+      cudaStream_t stream;
+      SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      auto step = job.setup(r);
+      std::vector<cudaEvent_t> ev(static_cast<std::size_t>(job.inner * job.parts + 1));
+      for (auto& e : ev) SPECMOE_CUDA_TRY(cudaEventCreate(&e));
+      auto& t = times[static_cast<std::size_t>(r)];
+      t.parts.assign(static_cast<std::size_t>(job.parts), {});
+      for (int warm = 0; warm < 3; ++warm)
+        for (int p = 0; p < job.parts; ++p) step(p, stream);
+      SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
+      for (int round = 0; round < job.rounds; ++round) {
+        sync.arrive_and_wait();
+        SPECMOE_CUDA_TRY(cudaEventRecord(ev[0], stream));
+        for (int i = 0; i < job.inner; ++i) {
+          for (int p = 0; p < job.parts; ++p) {
+            step(p, stream);
+            SPECMOE_CUDA_TRY(cudaEventRecord(ev[static_cast<std::size_t>(i * job.parts + p + 1)], stream));
+          }
+        }
+        SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
+        for (int p = 0; p < job.parts; ++p) {
+          double sum = 0;
+          for (int i = 0; i < job.inner; ++i) {
+            float ms = 0;
+            auto const at = static_cast<std::size_t>(i * job.parts + p);
+            SPECMOE_CUDA_TRY(cudaEventElapsedTime(&ms, ev[at], ev[at + 1]));
+            sum += ms;
+          }
+          t.parts[static_cast<std::size_t>(p)].push_back(sum / job.inner * 1e-3);
+        }
+      }
+      sync.arrive_and_wait();  // nobody frees buffers a peer may still write into
+      arrived_final = true;
+      for (auto& e : ev) cudaEventDestroy(e);
+      step = {};
+      cudaStreamDestroy(stream);
+    } catch (...) {
+      errors[static_cast<std::size_t>(r)] = std::current_exception();
+      if (!arrived_final) sync.arrive_and_drop();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) threads.emplace_back(body, r);
+  for (auto& th : threads) th.join();
+  for (auto const& e : errors)
+    if (e) std::rethrow_exception(e);
+  std::vector<std::vector<double>> out(static_cast<std::size_t>(job.parts), std::vector<double>(static_cast<std::size_t>(job.rounds)));
+  for (int p = 0; p < job.parts; ++p)
+    for (int round = 0; round < job.rounds; ++round)
+      for (auto const& t : times)
+        out[static_cast<std::size_t>(p)][static_cast<std::size_t>(round)] =
+            std::max(out[static_cast<std::size_t>(p)][static_cast<std::size_t>(round)],
+                     t.parts[static_cast<std::size_t>(p)][static_cast<std::size_t>(round)]);
+  return out;
+}
+
+}  // namespace specmoe::bench

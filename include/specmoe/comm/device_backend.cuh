@@ -1,0 +1,115 @@
+// specmoe/comm/device_backend.cuh: what the multi-rank cuda layer asks of a device CommBackend
+// (nvcc only). Backends: nvlink_direct (comm/nvlink_direct.cuh), nccl_alltoallv (comm/nccl_alltoallv.cuh).
+#pragma once
+
+#include <specmoe/comm/concepts.hpp>
+#include <specmoe/kernels/ep_dispatch.cuh>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+
+namespace specmoe {
+
+/// @brief Sizes a device backend's buffers once (they are registered with the peers once).
+struct ep_buffer_options {
+  std::int64_t max_tokens = 4096;  ///< most tokens one rank sends in one forward (its batch)
+  int hidden = 0;                  ///< row width in bf16 elements (multiple of 8)
+  int top_k = 0;                   ///< routing columns a row carries at most
+};
+
+/// @brief One dispatch, as the layer hands it to the backend (device pointers; see
+/// kernels/ep_dispatch.cuh for the layout).
+struct ep_dispatch_args {
+  __nv_bfloat16 const* x = nullptr;  ///< [n, hidden] this rank's tokens
+  long long n = 0;
+  /// Rows between regions (the layer's max_tokens, the same on every rank, at most the buffers'
+  /// max_tokens): the receiver's work scales with it, so small-batch layers stay small.
+  long long region_rows = 0;
+  int top_k = 0;
+  std::int32_t const* ids = nullptr;      ///< [n, top_k] global expert ids
+  float const* weights = nullptr;         ///< [n, top_k]
+  std::int32_t const* dest_of = nullptr;  ///< [n, top_k] serving rank per slot (-1: none)
+  std::int32_t const* send_slot = nullptr;  ///< [n, D] row in each destination's region (-1: not sent)
+  std::int32_t const* send_counts = nullptr;  ///< [D] rows to each destination
+  kernels::ep_placement_view placement{};
+  std::array<int, kernels::ep_max_ranks> width{};  ///< routing columns each destination receives
+  kernels::device_status* status = nullptr;
+};
+
+/// @brief What a rank received: [D * region_rows] rows (region per source), device memory.
+struct ep_received {
+  __nv_bfloat16* x = nullptr;     ///< [D * region_rows, hidden]
+  std::int32_t* ids = nullptr;    ///< [D * region_rows, width] local expert ids, -1 past each count
+  float* weights = nullptr;       ///< [D * region_rows, width]
+  std::int32_t* counts = nullptr;  ///< [D] rows from each source
+};
+
+/// @brief A device CommBackend: moves rows between the ranks of an expert-parallel group, each
+/// rank calling from its own thread or process with its own stream (`dispatch_async`, then the
+/// expert step on `received()`, then `combine_async`, then a reduce that first honours
+/// `combine_wait()`), and gathers small host blobs at setup (`allgather`).
+template <class C>
+concept device_comm_backend =
+    comm_backend<C> && std::same_as<typename C::space_type, cuda_space> &&
+    requires(C& c, C const& cc, ep_dispatch_args const& args, __nv_bfloat16 const* results, long long region_rows,
+             cudaStream_t stream, void const* mine, void* all, std::size_t bytes) {
+      { cc.rank() } -> std::convertible_to<int>;
+      { cc.num_ranks() } -> std::convertible_to<int>;
+      { cc.options() } -> std::convertible_to<ep_buffer_options>;
+      c.allgather(mine, bytes, all);
+      c.dispatch_async(args, stream);
+      { cc.received() } -> std::same_as<ep_received>;
+      c.combine_async(results, region_rows, stream);
+      { cc.returned() } -> std::convertible_to<__nv_bfloat16 const*>;
+      { cc.combine_wait() } -> std::same_as<kernels::ep_wait>;
+    };
+
+namespace detail {
+
+/// Checks buffer options once, naming what is wrong.
+inline void validate(ep_buffer_options const& o, int num_ranks) {
+  SPECMOE_EXPECTS(num_ranks > 0 && num_ranks <= kernels::ep_max_ranks, errc::unsupported, "expert-parallel groups of 1 to ",
+                  kernels::ep_max_ranks, " ranks are supported, got ", num_ranks);
+  SPECMOE_EXPECTS(o.max_tokens > 0 && o.max_tokens < (1ll << 31) / num_ranks, errc::invalid_argument,
+                  "ep_buffer_options::max_tokens must be positive (and fit 32-bit row numbers), got ", o.max_tokens);
+  SPECMOE_EXPECTS(o.hidden > 0 && o.hidden % 8 == 0, errc::invalid_argument,
+                  "ep_buffer_options::hidden must be a positive multiple of 8, got ", o.hidden);
+  SPECMOE_EXPECTS(o.top_k > 0 && o.top_k <= 32, errc::invalid_argument, "ep_buffer_options::top_k must be in [1, 32], got ",
+                  o.top_k);
+}
+
+/// Buffers laid out identically on every rank, so one base pointer per peer finds them all.
+struct ep_buffer_layout {
+  std::size_t recv_x = 0, recv_ids = 0, recv_weights = 0, returned = 0, dispatch_flags = 0, combine_flags = 0, bytes = 0;
+
+  ep_buffer_layout(ep_buffer_options const& o, int D) {
+    auto const rows = static_cast<std::size_t>(D) * static_cast<std::size_t>(o.max_tokens);
+    auto take = [this](std::size_t n) {
+      auto const at = bytes;
+      bytes += (n + 255) / 256 * 256;
+      return at;
+    };
+    recv_x = take(rows * static_cast<std::size_t>(o.hidden) * 2);
+    recv_ids = take(rows * static_cast<std::size_t>(o.top_k) * 4);
+    recv_weights = take(rows * static_cast<std::size_t>(o.top_k) * 4);
+    returned = take(rows * static_cast<std::size_t>(o.hidden) * 2);
+    dispatch_flags = take(static_cast<std::size_t>(D) * 8);
+    combine_flags = take(static_cast<std::size_t>(D) * 8);
+  }
+};
+
+inline int multiprocessor_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 80;
+  return sms;
+}
+
+}  // namespace detail
+
+}  // namespace specmoe
