@@ -30,7 +30,10 @@ def layer_table(d, extra):
     print("| model | tokens | rows | ours (µs) | floor (µs) | × floor | torch grouped_mm, graph (µs) | × ours | "
           "torch grouped_mm, eager (µs) | transformers block, eager (µs) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for b in layer["benchmarks"]:
+    rows = layer["benchmarks"]
+    if any(b.get("run_type") == "aggregate" for b in rows):  # --benchmark_repetitions: the medians
+        rows = [b for b in rows if b.get("aggregate_name") == "median"]
+    for b in rows:
         name, tokens = b["name"].split("/")[:2]
         tokens = int(tokens)
         us = b["real_time"]
@@ -49,15 +52,18 @@ def routing_table(d):
         if b.get("error_occurred"):
             continue
         kernel, shape, tokens = b["name"].split("/")[:3]
+        if not tokens.isdigit():  # launch_cost/<node> rows
+            continue
         rows.setdefault((shape, int(tokens)), {})[kernel] = b["real_time"]
     kernels = ["gate", "layout_single_block", "layout_device_sort", "gather", "combine"]
     print("| shape | tokens | " + " | ".join(k + " (µs)" for k in kernels) + " | gate+layout+gather+combine (µs) |")
     print("|---|---|" + "---|" * (len(kernels) + 1))
     for (shape, tokens), v in rows.items():
-        layout = min(x for x in (v.get("layout_single_block"), v.get("layout_device_sort")) if x is not None)
-        total = v["gate"] + layout + v["gather"] + v["combine"]
+        layouts = [x for x in (v.get("layout_single_block"), v.get("layout_device_sort")) if x is not None]
+        parts = [v.get("gate"), min(layouts) if layouts else None, v.get("gather"), v.get("combine")]
+        total = f"{sum(parts):.1f}" if None not in parts else "—"  # (a filtered run lacks some)
         cells = " | ".join(f"{v[k]:.1f}" if k in v else "—" for k in kernels)
-        print(f"| {shape} | {tokens} | {cells} | {total:.1f} |")
+        print(f"| {shape} | {tokens} | {cells} | {total} |")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,15 @@
 //
 //   specmoe_kernels_routing_kernels_bench --benchmark_out=routing.json --benchmark_out_format=json
 //
-// Rows: <kernel>/<shape>/tokens:<t> (layout: layout_single_block / layout_device_sort).
+// Rows: <kernel>/<shape>/<tokens> (layout: layout_single_block / layout_device_sort; gate: the
+//   automatic choice, gate_warp / gate_block: each gate kernel forced).
 //   shape: mixtral (8 experts, top-2, H 4096), qwen3 (128, top-8, H 2048), dsv3 (256, grouped
 //   sigmoid top-8, H 7168).
+// launch_cost/<node>: what one node of a layer's graph costs before it does any work: 16 chained
+//   nodes in one graph (kernel: 132 blocks that only bump a counter; kernel_pdl: the same launched
+//   with programmatic dependent launch, waiting at its start; kernel_pdl_trigger: also releasing
+//   its dependent right after; memcpy16 / memset16: the 16-byte status reset as a copy or a set),
+//   time per node.
 // Each row is one step captured in a CUDA graph and replayed 20 times back to back (data stay in
 // L2 where they fit, as inside the layer): the time per step includes the launch gaps the layer
 // pays. Counters: GBps = bytes the step must move / time; x_floor = time / (bytes / HBM copy
@@ -24,6 +30,8 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -118,12 +126,82 @@ void run(benchmark::State& state, fixture& f, double bytes, Enqueue&& enqueue) {
   cudaGraphExecDestroy(exec);
 }
 
-void gate(benchmark::State& state, int which) {
+void gate(benchmark::State& state, int which, kernels::gate_path path) {
   fixture f(which, state.range(0));
   auto const slots = static_cast<double>(f.n) * f.cfg.top_k;
   double const bytes = static_cast<double>(f.n) * f.cfg.num_experts * 4 + slots * 8;
   auto const p = kernels::gate_params::from(f.cfg, f.bias);
-  run(state, f, bytes, [&](cudaStream_t s) { SPECMOE_BENCH_CUDA(kernels::launch_topk_gate(f.logits, f.n, p, f.ids, f.weights, f.status, s)); });
+  run(state, f, bytes, [&](cudaStream_t s) {
+    SPECMOE_BENCH_CUDA(kernels::launch_topk_gate(f.logits, f.n, p, f.ids, f.weights, f.status, s, path));
+  });
+}
+
+// One node of the launch_cost chains: waits for its predecessor when launched with programmatic
+// dependent launch (a no-op otherwise), then bumps a counter (read-modify-write: a node that ran
+// early would lose counts).
+__global__ void chain_kernel(int* counter, int trigger) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (trigger) asm volatile("griddepcontrol.launch_dependents;");
+  if (blockIdx.x == 0 && threadIdx.x == 0) *counter += 1;
+}
+
+enum class node_kind { kernel, kernel_pdl, kernel_pdl_trigger, memcpy16, memset16 };
+
+void launch_cost(benchmark::State& state, node_kind kind) {
+  constexpr int nodes = 16, reps = 20;
+  cudaStream_t stream;
+  SPECMOE_BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int* counter = device_alloc<int>(1);
+  auto* a = device_alloc<kernels::device_status>(1);
+  auto* b = device_alloc<kernels::device_status>(1);
+  SPECMOE_BENCH_CUDA(cudaMemset(counter, 0, sizeof(int)));
+  // Failures skip the row instead of ending the process (programmatic launch is the experiment).
+  cudaError_t err = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+  for (int i = 0; i < nodes && err == cudaSuccess; ++i) {
+    if (kind == node_kind::memcpy16) {
+      err = cudaMemcpyAsync(a, b, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice, stream);
+    } else if (kind == node_kind::memset16) {
+      err = cudaMemsetAsync(a, 0, sizeof(kernels::device_status), stream);
+    } else {
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(132);
+      cfg.blockDim = dim3(128);
+      cfg.stream = stream;
+      cfg.attrs = &attr;
+      cfg.numAttrs = kind == node_kind::kernel ? 0 : 1;
+      err = cudaLaunchKernelEx(&cfg, chain_kernel, counter, kind == node_kind::kernel_pdl_trigger ? 1 : 0);
+    }
+  }
+  cudaGraph_t graph = nullptr;
+  cudaError_t const end = cudaStreamEndCapture(stream, &graph);
+  if (err == cudaSuccess) err = end;
+  cudaGraphExec_t exec = nullptr;
+  if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph) cudaGraphDestroy(graph);
+  if (err != cudaSuccess) {
+    state.SkipWithError(cudaGetErrorString(err));
+    for (auto _ : state) {
+    }
+  } else {
+    sb::time_graph_us(exec, stream, false, 3);  // warm-up
+    long long replays = 3;
+    for (auto _ : state) {
+      state.SetIterationTime(sb::time_graph_us(exec, stream, false, reps) / nodes * 1e-6);
+      replays += reps;
+    }
+    int count = 0;
+    SPECMOE_BENCH_CUDA(cudaMemcpy(&count, counter, sizeof count, cudaMemcpyDeviceToHost));
+    bool const is_kernel = kind != node_kind::memcpy16 && kind != node_kind::memset16;
+    if (is_kernel && count != replays * nodes) state.SkipWithError("the chained kernels lost counts (ran out of order)");
+    cudaGraphExecDestroy(exec);
+  }
+  cudaFree(counter);
+  cudaFree(a);
+  cudaFree(b);
+  cudaStreamDestroy(stream);
 }
 
 void layout(benchmark::State& state, int which, kernels::layout_path path) {
@@ -168,11 +246,25 @@ void register_all() {
       for (long long t : {1, 16, 128, 1024, 8192}) b->Arg(t);
       b->UseManualTime()->Unit(benchmark::kMicrosecond);
     };
-    add("gate", [w](benchmark::State& s) { gate(s, w); });
+    add("gate", [w](benchmark::State& s) { gate(s, w, kernels::gate_path::automatic); });
+    add("gate_warp", [w](benchmark::State& s) { gate(s, w, kernels::gate_path::warp_per_token); });
+    add("gate_block", [w](benchmark::State& s) { gate(s, w, kernels::gate_path::block_per_token); });
     add("layout_single_block", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::single_block); });
     add("layout_device_sort", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::device_sort); });
     add("gather", [w](benchmark::State& s) { gather(s, w); });
     add("combine", [w](benchmark::State& s) { combine(s, w); });
+  }
+  std::pair<char const*, node_kind> const kinds[] = {{"kernel", node_kind::kernel},
+                                                     {"kernel_pdl", node_kind::kernel_pdl},
+                                                     {"kernel_pdl_trigger", node_kind::kernel_pdl_trigger},
+                                                     {"memcpy16", node_kind::memcpy16},
+                                                     {"memset16", node_kind::memset16}};
+  for (auto const& nk : kinds) {
+    node_kind const kind = nk.second;
+    benchmark::RegisterBenchmark((std::string("launch_cost/") + nk.first).c_str(),
+                                 [kind](benchmark::State& s) { launch_cost(s, kind); })
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
   }
 }
 

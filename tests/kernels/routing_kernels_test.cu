@@ -11,6 +11,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <random>
 
 using namespace specmoe;
@@ -95,6 +97,102 @@ TEST_CASE("gate kernel: a NaN or Inf logit is flagged with its token", "[kernels
   auto const s = status.to_host()[0];
   REQUIRE(s.bits == kernels::device_error_non_finite_logit);
   REQUIRE(s.first_token == 37);
+}
+
+TEST_CASE("gate kernels: both paths equal the host gate bit for bit at 1 to 16 tokens, outputs poisoned",
+          "[kernels][gate]") {
+  std::mt19937_64 rng(3);
+  constexpr long long max_n = 16;
+  for (int E : {8, 64, 128, 256}) {
+    for (int k : {1, 2, 8}) {
+      for (bool grouped : {false, true}) {
+        if (k > E) continue;
+        auto cfg = random_gate_config(E, k, grouped, rng);
+        if (grouped) {  // any feasible number of kept groups, all of them included (no masking)
+          int const least = cfg.gate.topk_groups;
+          cfg.gate.topk_groups = least + static_cast<int>(rng() % static_cast<unsigned>(cfg.gate.num_groups - least + 1));
+        }
+        std::vector<float> logits(static_cast<std::size_t>(max_n * E));
+        std::uniform_int_distribution<int> grid(-16, 16);
+        std::normal_distribution<float> fine(0.0f, 3.0f);
+        bool const ties = rng() % 2 == 0;  // coarse grid (many exact ties) or continuous values
+        for (auto& l : logits) l = ties ? static_cast<float>(grid(rng)) / 4.0f : fine(rng);
+        std::vector<float> bias(static_cast<std::size_t>(E));
+        for (auto& b : bias) b = static_cast<float>(grid(rng)) / 64.0f;
+        device_vector<float> d_logits(logits), d_bias(bias), d_weights(static_cast<std::size_t>(max_n * k), 0xff);
+        device_vector<std::int32_t> d_ids(static_cast<std::size_t>(max_n * k), 0xff);
+        device_vector<kernels::device_status> status(1, 0);
+        auto const p = kernels::gate_params::from(cfg, grouped ? d_bias.data() : nullptr);
+        std::vector<std::int32_t> hid(static_cast<std::size_t>(k));
+        std::vector<float> hw(static_cast<std::size_t>(k));
+        for (auto path : {kernels::gate_path::block_per_token, kernels::gate_path::warp_per_token}) {
+          for (long long n = 1; n <= max_n; ++n) {
+            SPECMOE_TEST_CUDA(cudaMemset(d_ids.data(), 0xff, d_ids.bytes()));  // ids -1, weights NaN
+            SPECMOE_TEST_CUDA(cudaMemset(d_weights.data(), 0xff, d_weights.bytes()));
+            SPECMOE_TEST_CUDA(kernels::launch_topk_gate(d_logits.data(), n, p, d_ids.data(), d_weights.data(),
+                                                        new_status(status), nullptr, path));
+            SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+            auto const ids = d_ids.to_host();
+            auto const w = d_weights.to_host();
+            REQUIRE(status.to_host()[0].bits == 0);
+            for (long long t = 0; t < max_n; ++t) {
+              if (t < n) {
+                route_token(logits.data() + t * E, grouped ? std::span<float const>(bias) : std::span<float const>(), cfg,
+                            hid.data(), hw.data());
+              }
+              for (int j = 0; j < k; ++j) {
+                INFO("path=" << static_cast<int>(path) << " E=" << E << " k=" << k << " grouped=" << grouped
+                              << " topk_groups=" << cfg.gate.topk_groups << " n=" << n << " token " << t << " slot " << j);
+                auto const i = static_cast<std::size_t>(t * k + j);
+                if (t < n) {
+                  REQUIRE(ids[i] == hid[static_cast<std::size_t>(j)]);
+                  REQUIRE(w[i] == hw[static_cast<std::size_t>(j)]);
+                } else {  // tokens past n stay untouched
+                  REQUIRE(ids[i] == -1);
+                  REQUIRE(std::isnan(w[i]));
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gate kernels: the block path flags a NaN or Inf logit with its token; E over its limit is refused",
+          "[kernels][gate]") {
+  std::mt19937_64 rng(4);
+  for (bool grouped : {false, true}) {
+    auto const cfg = random_gate_config(128, 8, grouped, rng);
+    std::vector<float> logits(static_cast<std::size_t>(12 * 128), 0.25f);
+    logits[static_cast<std::size_t>(9 * 128 + 127)] = std::numeric_limits<float>::quiet_NaN();
+    logits[static_cast<std::size_t>(5 * 128 + 3)] = -std::numeric_limits<float>::infinity();
+    device_vector<float> d_logits(logits), d_weights(96, 0xff);
+    device_vector<std::int32_t> d_ids(96, 0xff);
+    device_vector<kernels::device_status> status(1, 0);
+    SPECMOE_TEST_CUDA(kernels::launch_topk_gate(d_logits.data(), 12, kernels::gate_params::from(cfg, nullptr), d_ids.data(),
+                                                d_weights.data(), new_status(status), nullptr,
+                                                kernels::gate_path::block_per_token));
+    SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+    auto const s = status.to_host()[0];
+    REQUIRE(s.bits == kernels::device_error_non_finite_logit);
+    REQUIRE(s.first_token == 5);
+    auto const ids = d_ids.to_host();
+    auto const w = d_weights.to_host();
+    for (int j = 0; j < 8; ++j) {
+      REQUIRE(ids[static_cast<std::size_t>(5 * 8 + j)] == -1);
+      REQUIRE(w[static_cast<std::size_t>(9 * 8 + j)] == 0.0f);
+      REQUIRE(ids[static_cast<std::size_t>(4 * 8 + j)] >= 0);  // the finite tokens are routed
+    }
+  }
+  auto cfg = random_gate_config(512, 8, false, rng);
+  device_vector<float> d_logits(512, 0), d_weights(8, 0);
+  device_vector<std::int32_t> d_ids(8, 0);
+  device_vector<kernels::device_status> status(1, 0);
+  REQUIRE(kernels::launch_topk_gate(d_logits.data(), 1, kernels::gate_params::from(cfg, nullptr), d_ids.data(),
+                                    d_weights.data(), new_status(status), nullptr,
+                                    kernels::gate_path::block_per_token) == cudaErrorInvalidValue);
 }
 
 TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positions", "[kernels][layout]") {

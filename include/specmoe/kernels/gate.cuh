@@ -1,7 +1,10 @@
-// specmoe/kernels/gate.cuh: router logits -> top-k expert ids and combine weights, one warp per token.
+// specmoe/kernels/gate.cuh: router logits -> top-k expert ids and combine weights, fused. Two
+// kernels, chosen by token count: one warp per token (throughput, many tokens) and one block per
+// token (latency, decode).
 //
 // The same recipe and tie-breaking as the host gate (router/gate.hpp): larger score first, equal
-// scores -> lower expert (or group) id; weights summed in gate order.
+// scores -> lower expert (or group) id; weights summed in gate order. Both kernels give the host's
+// bits.
 #pragma once
 
 #include <specmoe/core/moe_config.hpp>
@@ -186,10 +189,167 @@ static __global__ void __launch_bounds__(gate_warps_per_block * 32)
   }
 }
 
-/// Launches topk_gate_kernel for n tokens on `stream`. Requires top_k <= 32 and num_groups <= 32.
+/// Largest expert count and token count the block-per-token kernel takes (automatic choice).
+inline constexpr int gate_block_max_experts = 256;
+/// Up to about one block per SM (132 on H100/H200) the block kernel's latency is the whole cost;
+/// past that the warp kernel does less work per token.
+inline constexpr long long gate_block_max_tokens = 128;
+
+/// logits [n, E] fp32 -> ids [n, k], weights [n, k], one block of round_up(E, 32) threads per token,
+/// thread e holding expert e (E <= gate_block_max_experts, k <= 32).
+///
+/// The warp kernel's latency at a few tokens is serial work: E/32 values per lane and k rounds of
+/// warp argmax, each a chain of shuffles. Here every step is parallel over the experts:
+///   1. softmax: block max; the denominator summed in the warp kernel's order (32 strided partial
+///      sums, lane 0's butterfly), so the division gives the same floats;
+///   2. grouped: one thread per group takes its two best choices, each expert then ranks its group
+///      among all groups (kept: rank < topk_groups);
+///   3. top-k in two stages under the total order (choice desc, id asc): each warp ranks its own 32
+///      experts and posts its k best as candidates; a candidate's rank among all warps' candidates
+///      equals its rank among all experts whenever that is < k (every expert ahead of it is then
+///      in some warp's k best), so rank r < k writes slot r.
+/// NOTES: same floats and order as topk_gate_kernel, so the two kernels agree bit for bit.
+static __global__ void __launch_bounds__(gate_block_max_experts)
+    topk_gate_block_kernel(float const* __restrict__ logits, gate_params p, std::int32_t* __restrict__ ids,
+                           float* __restrict__ weights, device_status* status) {
+  constexpr int max_warps = gate_block_max_experts / 32;
+  struct alignas(8) candidate {
+    float choice;
+    int expert;
+  };
+  __shared__ float warp_maxima[max_warps];
+  __shared__ float stage[gate_block_max_experts];   // softmax: exp(l - max); grouped: choices
+  __shared__ float choices[gate_block_max_experts];  // masked choices, read back by their own warp
+  __shared__ float group_score[32];
+  __shared__ candidate cand[max_warps * 32];  // [warps, k]
+  __shared__ float picked[32];                // the chosen scores in gate order
+
+  int const e = static_cast<int>(threadIdx.x), lane = e % 32, warp = e / 32;
+  int const warps = static_cast<int>(blockDim.x) / 32;
+  long long const t = blockIdx.x;
+  int const E = p.num_experts, k = p.top_k;
+  bool const valid = e < E;  // threads past E pad the last warp
+  float const v = valid ? logits[t * E + e] : 0.0f;
+  float const b = valid && p.bias ? p.bias[e] : 0.0f;
+  if (!p.grouped) {
+    float const m = detail::warp_max(valid ? v : -FLT_MAX);
+    if (lane == 0) warp_maxima[warp] = m;
+  }
+  if (__syncthreads_or(valid && !isfinite(v))) {  // (also publishes warp_maxima)
+    if (e == 0) detail::report(status, device_error_non_finite_logit, t);
+    if (e < k) {
+      ids[t * k + e] = -1;
+      weights[t * k + e] = 0.0f;
+    }
+    return;
+  }
+
+  float score = 0.0f;
+  if (!p.grouped) {
+    float m = warp_maxima[0];
+    for (int w = 1; w < warps; ++w) m = fmaxf(m, warp_maxima[w]);
+    float const x = valid ? specmoe::detail::gate_exp(v - m) : 0.0f;
+    stage[e] = x;
+    __syncthreads();
+    // Every warp sums all of stage itself (no barrier to share one sum), in the warp kernel's order.
+    float s = 0.0f;
+    for (int i = lane; i < E; i += 32) s = specmoe::detail::add_rn(s, stage[i]);
+    s = detail::warp_sum(s);
+    s = __shfl_sync(0xffffffffu, s, 0);
+    score = x / s;
+  } else if (valid) {
+    score = specmoe::detail::gate_sigmoid(v);
+  }
+  float choice = valid ? specmoe::detail::add_rn(score, b) : -INFINITY;
+
+  if (p.grouped && p.topk_groups < p.num_groups) {
+    int const G = p.num_groups, per = E / G;
+    stage[e] = choice;
+    __syncthreads();
+    if (e < G) {
+      // A group's score is the sum of its two largest choices (as values: ties change nothing).
+      float t1 = -INFINITY, t2 = -INFINITY;
+      for (int i = e * per; i < (e + 1) * per; ++i) {
+        float const c = stage[i];
+        t2 = fmaxf(t2, fminf(t1, c));
+        t1 = fmaxf(t1, c);
+      }
+      group_score[e] = per > 1 ? __fadd_rn(t1, t2) : t1;
+    }
+    __syncthreads();
+    if (valid) {
+      int const g = e / per;
+      float const gs = group_score[g];
+      int rank = 0;
+      for (int h = 0; h < G; ++h) {
+        float const o = group_score[h];
+        rank += (o > gs || (o == gs && h < g)) ? 1 : 0;
+      }
+      if (rank >= p.topk_groups) choice = -INFINITY;
+    }
+  }
+
+  // Stage 1: rank inside the warp; the k best post themselves as candidates.
+  choices[e] = choice;
+  __syncwarp();
+  float const* mine = choices + warp * 32;
+  int local = 0;
+  for (int j = 0; j < 32; ++j) {
+    float const o = mine[j];
+    local += (o > choice || (o == choice && j < lane)) ? 1 : 0;
+  }
+  if (local < k) cand[warp * k + local] = {choice, e};
+  __syncthreads();
+  // Stage 2: rank among all candidates.
+  int rank = k;
+  if (local < k) {
+    rank = 0;
+    for (int s = 0; s < warps * k; ++s) {
+      candidate const o = cand[s];
+      rank += (o.choice > choice || (o.choice == choice && o.expert < e)) ? 1 : 0;
+    }
+    if (rank < k) {
+      ids[t * k + rank] = e;
+      picked[rank] = score;
+    }
+  }
+  __syncthreads();
+  if (rank < k) {
+    // Weights summed in gate order, as the warp kernel and the host do.
+    float total = 0.0f;
+    for (int j = 0; j < k; ++j) total = __fadd_rn(total, picked[j]);
+    float w = score;
+    if (p.renormalize) {
+      float const denom = p.grouped ? __fadd_rn(total, 1e-20f) : total;
+      w = w / denom;
+    }
+    weights[t * k + rank] = __fmul_rn(w, p.scale);
+  }
+}
+
+/// Which gate kernel launch_topk_gate runs.
+enum class gate_path {
+  automatic,        ///< block_per_token up to gate_block_max_tokens tokens and gate_block_max_experts experts
+  warp_per_token,   ///< topk_gate_kernel: any E (shared memory permitting)
+  block_per_token,  ///< topk_gate_block_kernel: E <= gate_block_max_experts
+};
+
+/// Launches the gate for n tokens on `stream` through `path` (tests and benches force one; the
+/// results are the same bits). Requires top_k <= 32 and num_groups <= 32; block_per_token with
+/// more than gate_block_max_experts experts returns cudaErrorInvalidValue.
 inline cudaError_t launch_topk_gate(float const* logits, long long n, gate_params const& p, std::int32_t* ids,
-                                    float* weights, device_status* status, cudaStream_t stream) {
+                                    float* weights, device_status* status, cudaStream_t stream, gate_path path) {
   if (n == 0) return cudaSuccess;
+  if (path == gate_path::automatic) {
+    path = n <= gate_block_max_tokens && p.num_experts <= gate_block_max_experts ? gate_path::block_per_token
+                                                                                 : gate_path::warp_per_token;
+  }
+  if (path == gate_path::block_per_token) {
+    if (p.num_experts > gate_block_max_experts || p.top_k > 32 || n > 0x7fffffffLL) return cudaErrorInvalidValue;
+    auto const threads = static_cast<unsigned>((p.num_experts + 31) / 32 * 32);
+    topk_gate_block_kernel<<<static_cast<unsigned>(n), threads, 0, stream>>>(logits, p, ids, weights, status);
+    return cudaGetLastError();
+  }
   auto const blocks = static_cast<unsigned>((n + gate_warps_per_block - 1) / gate_warps_per_block);
   std::size_t const smem = static_cast<std::size_t>(gate_warps_per_block) * 2 * static_cast<std::size_t>(p.num_experts) * sizeof(float);
   if (smem > 48 * 1024) {
@@ -198,6 +358,12 @@ inline cudaError_t launch_topk_gate(float const* logits, long long n, gate_param
   }
   topk_gate_kernel<<<blocks, gate_warps_per_block * 32, smem, stream>>>(logits, n, p, ids, weights, status);
   return cudaGetLastError();
+}
+
+/// Launches the gate for n tokens on `stream`, the kernel chosen by token count (gate_path::automatic).
+inline cudaError_t launch_topk_gate(float const* logits, long long n, gate_params const& p, std::int32_t* ids,
+                                    float* weights, device_status* status, cudaStream_t stream) {
+  return launch_topk_gate(logits, n, p, ids, weights, status, stream, gate_path::automatic);
 }
 
 }  // namespace specmoe::kernels
