@@ -21,6 +21,13 @@
 
 namespace specmoe::bench {
 
+// Ranks sharing a GPU spin-wait on each other's kernels: CUDA's lazy module loading would stall a
+// first launch behind a spinning peer, so the EP benchmarks load eagerly (the environment wins).
+inline int const eager_loading = setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+// ... and ranks' streams must not share a hardware queue (8 by default): one rank's kernel would
+// wait behind another's spinning one.
+inline int const hardware_queues = setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+
 inline int gpu_count() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
@@ -54,17 +61,22 @@ inline std::vector<std::vector<double>> run_ep_job(int ranks, ep_job const& job)
   std::vector<rank_times> times(static_cast<std::size_t>(ranks));
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
   std::barrier sync(ranks);
+  std::vector<cudaStream_t> streams(static_cast<std::size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {  // one after another: distinct hardware queues
+    SPECMOE_CUDA_TRY(cudaSetDevice(r % gpus));
+    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking));
+  }
   auto body = [&](int r) {
     bool arrived_final = false;
     try {
       SPECMOE_CUDA_TRY(cudaSetDevice(r % gpus));
-      cudaStream_t stream;
-      SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      cudaStream_t const stream = streams[static_cast<std::size_t>(r)];
       auto step = job.setup(r);
       std::vector<cudaEvent_t> ev(static_cast<std::size_t>(job.inner * job.parts + 1));
       for (auto& e : ev) SPECMOE_CUDA_TRY(cudaEventCreate(&e));
       auto& t = times[static_cast<std::size_t>(r)];
       t.parts.assign(static_cast<std::size_t>(job.parts), {});
+      sync.arrive_and_wait();  // every rank set up before any rank's kernels wait on peers
       for (int warm = 0; warm < 3; ++warm)
         for (int p = 0; p < job.parts; ++p) step(p, stream);
       SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
@@ -93,7 +105,6 @@ inline std::vector<std::vector<double>> run_ep_job(int ranks, ep_job const& job)
       arrived_final = true;
       for (auto& e : ev) cudaEventDestroy(e);
       step = {};
-      cudaStreamDestroy(stream);
     } catch (...) {
       errors[static_cast<std::size_t>(r)] = std::current_exception();
       if (!arrived_final) sync.arrive_and_drop();
@@ -102,6 +113,7 @@ inline std::vector<std::vector<double>> run_ep_job(int ranks, ep_job const& job)
   std::vector<std::thread> threads;
   for (int r = 0; r < ranks; ++r) threads.emplace_back(body, r);
   for (auto& th : threads) th.join();
+  for (auto st : streams) cudaStreamDestroy(st);
   for (auto const& e : errors)
     if (e) std::rethrow_exception(e);
   std::vector<std::vector<double>> out(static_cast<std::size_t>(job.parts), std::vector<double>(static_cast<std::size_t>(job.rounds)));

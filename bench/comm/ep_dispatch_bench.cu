@@ -124,6 +124,8 @@ measured const& measure(backend b, long long n) {
 #if SPECMOE_HAS_NCCL
   std::vector<ncclComm_t> comms(static_cast<std::size_t>(D));
   if (b == backend::nccl) {
+    SPECMOE_EXPECTS(D <= bench::gpu_count(), errc::unsupported, "NCCL runs one rank per GPU: ", D, " ranks on ",
+                    bench::gpu_count(), " GPUs");
     std::vector<int> devs(static_cast<std::size_t>(D));
     for (int r = 0; r < D; ++r) devs[static_cast<std::size_t>(r)] = r % std::max(1, bench::gpu_count());
     SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), D, devs.data()));

@@ -9,6 +9,7 @@
 #include <specmoe/layer/cuda_ep_layer.cuh>
 #include <specmoe/layer/dense_reference.hpp>
 
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -19,6 +20,14 @@
 using namespace specmoe;
 
 namespace {
+
+// Ranks that share one GPU spin-wait on each other's kernels, so nothing may queue one rank's
+// kernel behind another's: CUDA's lazy module loading (a first launch waits for the running
+// kernels) and streams sharing one of the device's hardware queues (8 by default) both would.
+// Load eagerly, use 32 queues, and make the ranks' streams one after another (set before the first
+// CUDA call; the environment wins).
+int const eager_loading = setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+int const hardware_queues = setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
 
 int device_count() {
   int n = 0;
@@ -116,6 +125,11 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
   auto const placement = g.placement ? *g.placement : contiguous_blocks{}.place(g.cfg, 0);
   std::vector<rank_result> results(static_cast<std::size_t>(D));
   auto group = in_process_group::create(D, std::chrono::seconds(30));
+  std::vector<cudaStream_t> streams(static_cast<std::size_t>(D));
+  for (int r = 0; r < D; ++r) {
+    SPECMOE_CUDA_TRY(cudaSetDevice(r % std::max(devices, 1)));
+    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking));
+  }
 #if SPECMOE_HAS_NCCL
   std::vector<ncclComm_t> comms(static_cast<std::size_t>(D));
   if (kind == backend_kind::nccl) {
@@ -131,8 +145,7 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
       auto const cfg = g.rank_config ? g.rank_config(r) : g.cfg;
       auto const& in = inputs[static_cast<std::size_t>(r)];
       rank_weights w(g.cfg, host, placement.local_experts(r));
-      cudaStream_t stream;
-      SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      cudaStream_t const stream = streams[static_cast<std::size_t>(r)];
       auto run = [&](auto comm) {
         using C = decltype(comm);
         ep_layer<C> layer(cfg, w.views, {.grouping = explicit_placement(placement), .comm = comm},
@@ -151,6 +164,10 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
                                        in.n, k};
         }
         matrix_view<bf16> const out_view(out.p, in.n, H);
+        // Every rank's buffers exist before any rank's kernels wait on peers (ranks sharing a GPU:
+        // an allocation may wait for the device, whose spinning kernels wait for this rank).
+        int token = r, tokens[kernels::ep_max_ranks];
+        layer.comm().allgather(&token, sizeof token, tokens);
         std::exception_ptr failed;
         try {
           if (g.forwards(r) && g.graph_replays > 0) {
@@ -187,7 +204,6 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
         }
         res.sent = layer.sent_rows(stream);
         // Nobody frees buffers a peer may still write into: meet before the layer and backend go.
-        int token = r, tokens[kernels::ep_max_ranks];
         layer.comm().allgather(&token, sizeof token, tokens);
         if (failed) std::rethrow_exception(failed);
       };
@@ -203,7 +219,6 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
         run(nccl_alltoallv(comms[static_cast<std::size_t>(r)], {g.max_tokens, cfg.hidden_size, cfg.top_k}));
 #endif
       }
-      cudaStreamDestroy(stream);
     } catch (...) {
       res.error = std::current_exception();
     }
@@ -211,6 +226,7 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
   std::vector<std::thread> threads;
   for (int r = 0; r < D; ++r) threads.emplace_back(body, r);
   for (auto& t : threads) t.join();
+  for (auto st : streams) cudaStreamDestroy(st);
 #if SPECMOE_HAS_NCCL
   if (kind == backend_kind::nccl)
     for (auto c : comms) ncclCommDestroy(c);

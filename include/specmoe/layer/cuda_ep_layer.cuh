@@ -86,6 +86,10 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     local_experts_ = static_cast<int>(placement_.local_experts(rank_).size());
     validate_local_weights();
     allocate();
+    // Construction ends together: no rank starts a forward (whose kernels wait on peers) while a
+    // peer still allocates; ranks that share a GPU would otherwise stall its allocations.
+    int token = rank_, tokens[kernels::ep_max_ranks];
+    comm.allgather(&token, sizeof token, tokens);
   }
 
   moe_layer(moe_layer const&) = delete;

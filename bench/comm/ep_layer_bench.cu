@@ -1,0 +1,155 @@
+// bench/comm/ep_layer_bench.cu: the whole multi-rank cuda layer (gate, plan, dispatch, local experts,
+// shared experts, combine, reduce) for DeepSeek-V3 and Qwen3-30B-A3B shapes, experts in contiguous
+// blocks over every GPU (a thread per rank), both device backends. Weights are random; routing is
+// the layer's own gate on random activations. The slowest rank's time per forward counts.
+//   specmoe_comm_ep_layer_bench --benchmark_out=ep_layer.json --benchmark_out_format=json
+#include "comm/ep_bench_support.cuh"
+#include "gpu_bench_support.cuh"
+
+#include <specmoe/comm/nccl_alltoallv.cuh>
+#include <specmoe/comm/nvlink_direct.cuh>
+#include <specmoe/layer/cuda_ep_layer.cuh>
+
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+
+namespace {
+
+using namespace specmoe;
+
+// One rank's device weights: router, shared experts, and its own routed experts (random).
+struct rank_model {
+  std::vector<__nv_bfloat16*> buffers;
+  std::vector<float> bias;
+  moe_weights<bf16> weights;
+
+  rank_model(moe_config const& cfg, int local_experts, std::uint64_t seed) {
+    auto const H = cfg.hidden_size, F = cfg.ffn_size, E = cfg.num_experts;
+    auto make = [&](std::size_t n, float scale) {
+      buffers.push_back(specmoe_bench::random_device_bf16(std::max<std::size_t>(n, 8), seed + buffers.size(), scale));
+      return reinterpret_cast<bf16 const*>(buffers.back());
+    };
+    float const in_h = 2.0f / std::sqrt(static_cast<float>(H)), in_f = 2.0f / std::sqrt(static_cast<float>(F));
+    weights.router.weight = matrix_view<bf16 const>(make(std::size_t(E) * H, 4.0f / std::sqrt(float(H))), E, H);
+    if (cfg.gate.has_score_bias) {
+      bias.assign(static_cast<std::size_t>(E), 0.0f);
+      for (int e = 0; e < E; ++e) bias[static_cast<std::size_t>(e)] = 0.01f * static_cast<float>(e % 7);
+      weights.router.score_bias = bias;
+    }
+    auto const L = static_cast<std::size_t>(local_experts);
+    weights.experts = ffn_weights<bf16>::dense(make(L * F * H, in_h), make(L * F * H, in_h), make(L * H * F, in_f),
+                                               local_experts, H, F);
+    if (cfg.num_shared_experts > 0) {
+      auto const S = cfg.num_shared_experts, SF = cfg.shared_ffn_size;
+      weights.shared = ffn_weights<bf16>::dense(make(std::size_t(S) * SF * H, in_h), make(std::size_t(S) * SF * H, in_h),
+                                                make(std::size_t(S) * H * SF, 2.0f / std::sqrt(float(SF))), S, H, SF);
+    }
+  }
+  rank_model(rank_model const&) = delete;
+  ~rank_model() {
+    for (auto* p : buffers) cudaFree(p);
+  }
+};
+
+enum class backend { nvlink, nccl };
+
+template <class Comm>
+using ep_layer = moe_layer<cuda_space, no_prediction, stay, contiguous_blocks, all_resident, Comm>;
+
+void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
+  long long const n = state.range(0);
+  int const D = bench::ep_ranks();
+  auto const cfg = shape(D);
+  if (b == backend::nccl && D > bench::gpu_count()) {
+    state.SkipWithError("NCCL runs one rank per GPU: more ranks than GPUs");
+    for (auto _ : state) {
+    }
+    return;
+  }
+  auto group = in_process_group::create(D);
+#if SPECMOE_HAS_NCCL
+  std::vector<ncclComm_t> comms(static_cast<std::size_t>(D));
+  if (b == backend::nccl) {
+    SPECMOE_EXPECTS(D <= bench::gpu_count(), errc::unsupported, "NCCL runs one rank per GPU: ", D, " ranks on ",
+                    bench::gpu_count(), " GPUs");
+    std::vector<int> devs(static_cast<std::size_t>(D));
+    for (int r = 0; r < D; ++r) devs[static_cast<std::size_t>(r)] = r % std::max(1, bench::gpu_count());
+    SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), D, devs.data()));
+  }
+#endif
+  bench::ep_job job;
+  job.rounds = static_cast<int>(state.max_iterations);
+  job.inner = n >= 1024 ? 3 : 10;
+  job.setup = [&](int r) -> std::function<void(int, cudaStream_t)> {
+    auto const local = static_cast<int>(contiguous_blocks{}.place(cfg, r).local_experts(r).size());
+    auto model = std::make_shared<rank_model>(cfg, local, 100 + static_cast<std::uint64_t>(r) * 17);
+    auto x = std::shared_ptr<__nv_bfloat16>(specmoe_bench::random_device_bf16(static_cast<std::size_t>(n) * cfg.hidden_size, 7 + r, 1.0f),
+                                            cudaFree);
+    std::shared_ptr<__nv_bfloat16> out;
+    {
+      __nv_bfloat16* p = nullptr;
+      SPECMOE_CUDA_TRY(cudaMalloc(&p, static_cast<std::size_t>(std::max<long long>(n, 1)) * cfg.hidden_size * 2));
+      out = std::shared_ptr<__nv_bfloat16>(p, cudaFree);
+    }
+    ep_buffer_options const o{std::max<long long>(n, 1), cfg.hidden_size, cfg.top_k};
+    auto run = [&](auto comm) -> std::function<void(int, cudaStream_t)> {
+      using C = decltype(comm);
+      auto layer = std::make_shared<ep_layer<C>>(cfg, model->weights, typename ep_layer<C>::policies_type{.comm = comm},
+                                                 cuda_ep_layer_options{.max_tokens = std::max<long long>(n, 1)});
+      return [layer, model, x, out, n, cfg](int, cudaStream_t stream) {
+        layer->forward_async(cuda_batch{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(x.get()), n, cfg.hidden_size)},
+                             matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), n, cfg.hidden_size), stream);
+      };
+    };
+    if (b == backend::nvlink) {
+      nvlink_direct_options no;
+      static_cast<ep_buffer_options&>(no) = o;
+      return run(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), no));
+    }
+#if SPECMOE_HAS_NCCL
+    return run(nccl_alltoallv(comms[static_cast<std::size_t>(r)], o));
+#else
+    SPECMOE_FAIL(errc::unsupported, "built without NCCL");
+#endif
+  };
+  std::vector<std::vector<double>> times;
+  try {
+    times = bench::run_ep_job(D, job);
+  } catch (std::exception const& e) {
+    state.SkipWithError(e.what());
+  }
+#if SPECMOE_HAS_NCCL
+  if (b == backend::nccl)
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  std::size_t i = 0;
+  for (auto _ : state) {
+    if (!times.empty()) state.SetIterationTime(times[0][i++ % times[0].size()]);
+  }
+  state.counters["ranks"] = D;
+  state.counters["gpus"] = bench::gpu_count();
+}
+
+int register_all() {
+  struct shape {
+    char const* name;
+    moe_config (*make)(int);
+  };
+  for (auto s : {shape{"deepseek_v3", &models::deepseek_v3}, shape{"qwen3_30b_a3b", &models::qwen3_30b_a3b}}) {
+    for (backend b : {backend::nvlink, backend::nccl}) {
+      auto const name = std::string("ep_layer/") + s.name + "/" + (b == backend::nvlink ? "nvlink_direct" : "nccl_alltoallv");
+      auto* bm = benchmark::RegisterBenchmark(name.c_str(), [s, b](benchmark::State& st) { layer_bench(st, s.make, b); });
+      bm->ArgName("tokens")->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(8);
+      for (long long n : {1, 16, 128, 1024, 8192}) bm->Arg(n);
+    }
+  }
+  return 0;
+}
+int const registered = register_all();
+
+}  // namespace
+
+BENCHMARK_MAIN();
