@@ -99,6 +99,17 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
       using C = decltype(comm);
       auto layer = std::make_shared<ep_layer<C>>(cfg, model->weights, typename ep_layer<C>::policies_type{.comm = comm},
                                                  cuda_ep_layer_options{.max_tokens = std::max<long long>(n, 1)});
+      {  // the gate once alone (a first cuBLAS call may load code: on a shared GPU that waits for peers)
+        std::int32_t* ids = nullptr;
+        float* w = nullptr;
+        SPECMOE_CUDA_TRY(cudaMalloc(&ids, static_cast<std::size_t>(n) * cfg.top_k * 4));
+        SPECMOE_CUDA_TRY(cudaMalloc(&w, static_cast<std::size_t>(n) * cfg.top_k * 4));
+        layer->route_async(matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(x.get()), n, cfg.hidden_size), {ids, w},
+                           nullptr);
+        layer->check(nullptr);
+        cudaFree(ids);
+        cudaFree(w);
+      }
       return [layer, model, x, out, n, cfg](int, cudaStream_t stream) {
         layer->forward_async(cuda_batch{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(x.get()), n, cfg.hidden_size)},
                              matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), n, cfg.hidden_size), stream);

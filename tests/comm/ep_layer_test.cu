@@ -164,6 +164,12 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
                                        in.n, k};
         }
         matrix_view<bf16> const out_view(out.p, in.n, H);
+        // The gate once alone, for this shape: a library's first call may load code, which on a
+        // shared GPU waits behind a peer's spinning kernels (one GPU per rank: no such wait).
+        if (!in.given && in.n > 0) {
+          layer.route_async(batch.x, {ids.p, wts.p}, stream);
+          layer.check(stream);
+        }
         // Every rank's buffers exist before any rank's kernels wait on peers (ranks sharing a GPU:
         // an allocation may wait for the device, whose spinning kernels wait for this rank).
         int token = r, tokens[kernels::ep_max_ranks];

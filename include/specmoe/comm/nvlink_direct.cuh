@@ -171,7 +171,7 @@ class nvlink_direct {
   }
   /// The wait the reduce after combine_async must do first (the returns of this forward).
   [[nodiscard]] kernels::ep_wait combine_wait() const noexcept {
-    return {flags(s_->layout.combine_flags), epoch(), 0, nullptr, timeout_ns()};
+    return {flags(s_->layout.combine_flags), epoch(), 0, nullptr, timeout_ns(), kernels::device_error_peer_timeout_combine};
   }
 
  private:

@@ -25,8 +25,10 @@ namespace specmoe::kernels {
 /// Most ranks one expert-parallel group may have (one NVLink domain of 8 GPUs, with room).
 inline constexpr int ep_max_ranks = 16;
 
-/// A peer did not signal within the timeout; `first_token` of the status names the peer rank.
+/// A peer did not signal within the timeout (rows of a dispatch, or results of a combine);
+/// `first_token` of the status names the (lowest such) peer rank.
 inline constexpr int device_error_peer_timeout = 16;
+inline constexpr int device_error_peer_timeout_combine = 32;
 
 /// Expert placement on the device (core/expert_placement.hpp, same replica rule).
 struct ep_placement_view {
@@ -61,6 +63,7 @@ struct ep_wait {
   unsigned int epoch_add = 0;                 ///< expected epoch = *epoch + epoch_add
   unsigned int* arrivals = nullptr;           ///< local: set to advance the epoch when all blocks are done
   long long timeout_ns = 0;
+  int timeout_bit = device_error_peer_timeout;  ///< what a timeout reports
 };
 
 namespace detail {
@@ -101,7 +104,7 @@ __device__ inline void ep_block_wait(ep_wait const& w, int D, std::int32_t const
       // (at least `expected`: a peer may already be one step ahead when only dispatches repeat)
       while (static_cast<int>(static_cast<unsigned int>(f >> 32) - expected) < 0) {
         if (global_timer_ns() - start > static_cast<unsigned long long>(w.timeout_ns)) {
-          report(status, device_error_peer_timeout, s);
+          report(status, w.timeout_bit, s);
           f = static_cast<unsigned long long>(expected) << 32;  // zero rows
           break;
         }

@@ -169,15 +169,35 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                                                        stream));
   }
 
+  /// @brief Enqueues only the gate on `stream` (the same kernels as inside forward_async): top-k ids
+  /// and weights of x's tokens into `routing_out` (device [tokens, top_k], both required). Local to
+  /// this rank: no peer takes part. NaN logits are flagged for `check`.
+  void route_async(matrix_view<bf16 const> x, cuda_routing_output routing_out, cudaStream_t stream) {
+    auto const n = x.rows;
+    SPECMOE_EXPECTS(x.cols == config_.hidden_size && x.stride == config_.hidden_size && n <= max_tokens_,
+                    errc::shape_mismatch, "x [", x.rows, ", ", x.cols, "] must be dense [tokens <= ", max_tokens_, ", ",
+                    config_.hidden_size, "]");
+    SPECMOE_EXPECTS(routing_out.topk_ids && routing_out.topk_weights, errc::invalid_argument,
+                    "route_async needs routing_out.topk_ids and routing_out.topk_weights");
+    SPECMOE_EXPECTS(n == 0 || aligned(x.data), errc::invalid_argument, "x must be 16-byte aligned device memory");
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
+                                     stream));
+    if (n > 0)
+      enqueue_gate(reinterpret_cast<__nv_bfloat16 const*>(x.data), n, routing_out.topk_ids, routing_out.topk_weights,
+                   stream);
+  }
+
   /// @brief Waits for `stream` and raises what the device flagged during the last forward: bad
   /// input of this rank (expert_out_of_range, non_finite), or a peer that never signalled (timeout).
   void check(cudaStream_t stream) {
     SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
     kernels::device_status s{};
     SPECMOE_CUDA_TRY(cudaMemcpy(&s, status_, sizeof s, cudaMemcpyDeviceToHost));
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_peer_timeout), errc::timeout, "rank ", rank_, ": rank ",
-                    s.first_token, " (or a lower one) did not signal within the backend's timeout; the expert-parallel "
-                    "group is out of step and must be rebuilt (did every rank call forward for this layer?)");
+    SPECMOE_EXPECTS(!(s.bits & (kernels::device_error_peer_timeout | kernels::device_error_peer_timeout_combine)),
+                    errc::timeout, "rank ", rank_, ": rank ", s.first_token, " did not signal its ",
+                    s.bits & kernels::device_error_peer_timeout ? "dispatched rows" : "combined results",
+                    " within the backend's timeout; the expert-parallel group is out of step and must be rebuilt (did "
+                    "every rank call forward for this layer?)");
     SPECMOE_EXPECTS(!(s.bits & kernels::device_error_expert_out_of_range), errc::expert_out_of_range, "rank ", rank_,
                     ": routing names an expert id outside [-1, ", config_.num_experts, ") at token ", s.first_token,
                     " (first flagged); the output was not written");
