@@ -7,7 +7,7 @@
 
 #include <cuda_runtime.h>
 #if SPECMOE_HAS_NCCL
-#include <nccl.h>
+#include <specmoe/comm/nccl_bootstrap.cuh>
 #endif
 
 #include <algorithm>
@@ -39,6 +39,27 @@ inline int ep_ranks() {
   if (char const* env = std::getenv("SPECMOE_EP_RANKS")) return std::max(1, std::atoi(env));
   return std::max(1, gpu_count());
 }
+
+#if SPECMOE_HAS_NCCL
+/// One NCCL communicator per rank of this process (rank r on GPU r; none unless `wanted`), freed
+/// with the object. NCCL runs one rank per GPU: more ranks than GPUs is an error.
+struct nccl_comms {
+  std::vector<ncclComm_t> comms;
+  nccl_comms(int ranks, bool wanted) : comms(static_cast<std::size_t>(ranks)) {
+    if (!wanted) return;
+    SPECMOE_EXPECTS(ranks <= gpu_count(), errc::unsupported, "NCCL runs one rank per GPU: ", ranks, " ranks on ",
+                    gpu_count(), " GPUs");
+    std::vector<int> devs(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) devs[static_cast<std::size_t>(r)] = r;
+    SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), ranks, devs.data()));
+  }
+  nccl_comms(nccl_comms const&) = delete;
+  ~nccl_comms() {
+    for (auto c : comms)
+      if (c) ncclCommDestroy(c);
+  }
+};
+#endif
 
 /// Per rank and round: the seconds each timed part took (averaged over the inner repetitions).
 struct rank_times {

@@ -122,14 +122,8 @@ measured const& measure(backend b, long long n) {
   std::vector<long long> crossing(static_cast<std::size_t>(D));
   auto group = in_process_group::create(D);
 #if SPECMOE_HAS_NCCL
-  std::vector<ncclComm_t> comms(static_cast<std::size_t>(D));
-  if (b == backend::nccl) {
-    SPECMOE_EXPECTS(D <= bench::gpu_count(), errc::unsupported, "NCCL runs one rank per GPU: ", D, " ranks on ",
-                    bench::gpu_count(), " GPUs");
-    std::vector<int> devs(static_cast<std::size_t>(D));
-    for (int r = 0; r < D; ++r) devs[static_cast<std::size_t>(r)] = r % std::max(1, bench::gpu_count());
-    SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), D, devs.data()));
-  }
+  bench::nccl_comms const nccl(D, b == backend::nccl);
+  auto const& comms = nccl.comms;
 #endif
   bench::ep_job job;
   job.parts = 2;
@@ -171,10 +165,6 @@ measured const& measure(backend b, long long n) {
   measured result;
   result.parts = bench::run_ep_job(D, job);
   result.bytes_crossing = *std::max_element(crossing.begin(), crossing.end());
-#if SPECMOE_HAS_NCCL
-  if (b == backend::nccl)
-    for (auto c : comms) ncclCommDestroy(c);
-#endif
   return cache.emplace(key, std::move(result)).first->second;
 }
 

@@ -71,14 +71,8 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
   }
   auto group = in_process_group::create(D);
 #if SPECMOE_HAS_NCCL
-  std::vector<ncclComm_t> comms(static_cast<std::size_t>(D));
-  if (b == backend::nccl) {
-    SPECMOE_EXPECTS(D <= bench::gpu_count(), errc::unsupported, "NCCL runs one rank per GPU: ", D, " ranks on ",
-                    bench::gpu_count(), " GPUs");
-    std::vector<int> devs(static_cast<std::size_t>(D));
-    for (int r = 0; r < D; ++r) devs[static_cast<std::size_t>(r)] = r % std::max(1, bench::gpu_count());
-    SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), D, devs.data()));
-  }
+  bench::nccl_comms const nccl(D, b == backend::nccl);
+  auto const& comms = nccl.comms;
 #endif
   bench::ep_job job;
   job.rounds = static_cast<int>(state.max_iterations);
@@ -132,10 +126,6 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
   } catch (std::exception const& e) {
     state.SkipWithError(e.what());
   }
-#if SPECMOE_HAS_NCCL
-  if (b == backend::nccl)
-    for (auto c : comms) ncclCommDestroy(c);
-#endif
   std::size_t i = 0;
   for (auto _ : state) {
     if (!times.empty()) state.SetIterationTime(times[0][i++ % times[0].size()]);

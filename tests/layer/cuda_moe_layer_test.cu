@@ -59,24 +59,7 @@ gpu_run run_gpu(moe_layer<cuda_space>& layer, std::vector<bf16> const& x, std::i
   return r;
 }
 
-// Norm-wise relative error per token under 1e-2, no NaN (bf16 or fp32 activations).
-template <class T>
-void require_close(std::vector<T> const& got, std::vector<T> const& want, std::int64_t n, int H) {
-  double worst = 0;
-  for (std::int64_t t = 0; t < n; ++t) {
-    double num = 0, den = 0;
-    for (int c = 0; c < H; ++c) {
-      double const a = static_cast<float>(got[static_cast<std::size_t>(t * H + c)]);
-      double const b = static_cast<float>(want[static_cast<std::size_t>(t * H + c)]);
-      REQUIRE(std::isfinite(a));
-      num += (a - b) * (a - b);
-      den += b * b;
-    }
-    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-30)));
-  }
-  INFO("worst per-token relative error " << worst);
-  REQUIRE(worst < 1e-2);
-}
+using specmoe::test::require_close;
 
 moe_config gpu_config(int E, int k, bool grouped, int shared) {
   moe_config c{.hidden_size = 256, .ffn_size = 128, .num_experts = E, .top_k = k};

@@ -83,6 +83,13 @@ inline void validate(ep_buffer_options const& o, int num_ranks) {
                   o.top_k);
 }
 
+/// Checks that a dispatch fits the buffers (host side, before anything is enqueued).
+inline void validate(ep_dispatch_args const& a, ep_buffer_options const& o) {
+  SPECMOE_EXPECTS(a.n >= 0 && a.n <= a.region_rows && a.region_rows <= o.max_tokens && a.top_k <= o.top_k,
+                  errc::invalid_argument, "dispatch of ", a.n, " tokens in regions of ", a.region_rows, " rows (top-k ",
+                  a.top_k, ") does not fit buffers sized for ", o.max_tokens, " tokens, top-k ", o.top_k);
+}
+
 /// Buffers laid out identically on every rank, so one base pointer per peer finds them all.
 struct ep_buffer_layout {
   std::size_t recv_x = 0, recv_ids = 0, recv_weights = 0, returned = 0, dispatch_flags = 0, combine_flags = 0, bytes = 0;

@@ -70,9 +70,7 @@ class nccl_alltoallv {
   void dispatch_async(ep_dispatch_args const& a, cudaStream_t stream) {
     auto& s = *s_;
     long long const region_rows = a.region_rows;
-    SPECMOE_EXPECTS(a.n >= 0 && a.n <= region_rows && region_rows <= s.options.max_tokens && a.top_k <= s.options.top_k,
-                    errc::invalid_argument, "dispatch of ", a.n, " tokens in regions of ", region_rows, " rows (top-k ",
-                    a.top_k, ") does not fit buffers sized for ", s.options.max_tokens, " tokens, top-k ", s.options.top_k);
+    detail::validate(a, s.options);
     long long const cap = region_rows, H = s.options.hidden, K = s.options.top_k;
     kernels::ep_row_targets tg{};
     for (int d = 0; d < s.D; ++d) {

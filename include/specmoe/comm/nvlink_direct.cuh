@@ -115,9 +115,7 @@ class nvlink_direct {
   void dispatch_async(ep_dispatch_args const& a, cudaStream_t stream) {
     auto& s = *s_;
     long long const region_rows = a.region_rows;
-    SPECMOE_EXPECTS(a.n >= 0 && a.n <= region_rows && region_rows <= s.options.max_tokens && a.top_k <= s.options.top_k,
-                    errc::invalid_argument, "dispatch of ", a.n, " tokens in regions of ", region_rows, " rows (top-k ",
-                    a.top_k, ") does not fit buffers sized for ", s.options.max_tokens, " tokens, top-k ", s.options.top_k);
+    detail::validate(a, s.options);
     auto const cap = region_rows;
     kernels::ep_row_targets tg{};
     kernels::ep_signal sig{};

@@ -111,20 +111,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                      cuda_routing_output routing_out = {}) {
     auto const H = config_.hidden_size, k = config_.top_k;
     auto const n = batch.x.rows;
-    SPECMOE_EXPECTS(batch.x.cols == H && out.cols == H && out.rows == n, errc::shape_mismatch, "x [", batch.x.rows, ", ",
-                    batch.x.cols, "] and out [", out.rows, ", ", out.cols, "] must both be [tokens, ", H, "]");
-    SPECMOE_EXPECTS(n <= max_tokens_, errc::invalid_argument, n, " tokens exceed the layer's max_tokens ", max_tokens_);
-    SPECMOE_EXPECTS(batch.x.stride == H && out.stride % 8 == 0, errc::unsupported,
-                    "x must be dense rows (stride = hidden) and out's stride a multiple of 8");
-    SPECMOE_EXPECTS(n == 0 || (aligned(batch.x.data) && aligned(out.data)), errc::invalid_argument,
-                    "x and out must be 16-byte aligned device memory");
-    if (batch.routing) {
-      SPECMOE_EXPECTS(batch.routing->num_tokens == n && batch.routing->top_k == k &&
-                          batch.routing->topk_ids.size() == static_cast<std::size_t>(n * k) &&
-                          batch.routing->topk_weights.size() == static_cast<std::size_t>(n * k),
-                      errc::shape_mismatch, "routing is [", batch.routing->num_tokens, ", ", batch.routing->top_k,
-                      "], the batch needs [", n, ", ", k, "]");
-    }
+    detail::check_cuda_forward<bf16>(batch.x, out, batch.routing, H, k, max_tokens_);
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
                                      stream));
     auto const* x = reinterpret_cast<__nv_bfloat16 const*>(batch.x.data);
@@ -198,16 +185,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                     s.bits & kernels::device_error_peer_timeout ? "dispatched rows" : "combined results",
                     " within the backend's timeout; the expert-parallel group is out of step and must be rebuilt (did "
                     "every rank call forward for this layer?)");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_expert_out_of_range), errc::expert_out_of_range, "rank ", rank_,
-                    ": routing names an expert id outside [-1, ", config_.num_experts, ") at token ", s.first_token,
-                    " (first flagged); the output was not written");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_duplicate_expert), errc::expert_out_of_range, "rank ", rank_,
-                    ": routing names the same expert twice for token ", s.first_token,
-                    " (first flagged); the output was not written");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_logit), errc::non_finite, "rank ", rank_,
-                    ": router logits of token ", s.first_token, " (first flagged) are not finite; the output was not written");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_weight), errc::non_finite, "rank ", rank_,
-                    ": a routing weight of token ", s.first_token, " (first flagged) is not finite; the output was not written");
+    detail::raise_flagged_input(s, config_.num_experts, detail::concat("rank ", rank_, ": "));
     if (local_) local_->check(stream);
     if (shared_) shared_->check(stream);
   }
@@ -295,13 +273,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
 
   void enqueue_gate(__nv_bfloat16 const* x, std::int64_t n, std::int32_t* out_ids, float* out_weights,
                     cudaStream_t stream) {
-    auto const H = config_.hidden_size, E = config_.num_experts;
-    float const one = 1.0f, zero = 0.0f;
-    SPECMOE_CUBLAS_TRY(cublasSetStream(cublas_, stream));
-    SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
-                                    weights_.router.weight.data, CUDA_R_16BF, static_cast<int>(weights_.router.weight.stride),
-                                    x, CUDA_R_16BF, H, &zero, logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT));
+    detail::enqueue_router_logits(cublas_, weights_.router.weight, x, n, logits_, stream);
     SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids, out_weights,
                                                status_, stream));
   }

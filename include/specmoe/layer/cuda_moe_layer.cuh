@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -31,6 +32,60 @@
   } while (0)
 
 namespace specmoe {
+
+namespace detail {
+
+/// Host checks of one forward's views, shared by the cuda layers: shapes, token budget, dense
+/// 16-byte rows, engine routing of the right shape. Throws before anything is enqueued.
+template <class T>
+void check_cuda_forward(matrix_view<T const> x, matrix_view<T> out, std::optional<routing_view> const& routing, int hidden,
+                        int top_k, std::int64_t max_tokens) {
+  auto const n = x.rows;
+  SPECMOE_EXPECTS(x.cols == hidden && out.cols == hidden && out.rows == n, errc::shape_mismatch, "x [", x.rows, ", ",
+                  x.cols, "] and out [", out.rows, ", ", out.cols, "] must both be [tokens, ", hidden, "]");
+  SPECMOE_EXPECTS(n <= max_tokens, errc::invalid_argument, n, " tokens exceed max_tokens ", max_tokens,
+                  " the workspace was sized for (the layer options' max_tokens)");
+  SPECMOE_EXPECTS(x.stride == hidden && out.stride % 8 == 0, errc::unsupported,
+                  "x must be dense rows (stride = hidden) and out's stride a multiple of 8");
+  // (fp32 rows: 8 elements are 32 bytes, so 16-byte alignment and hidden % 8 == 0 still suffice)
+  auto aligned = [](void const* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; };
+  SPECMOE_EXPECTS(n == 0 || (aligned(x.data) && aligned(out.data)), errc::invalid_argument,
+                  "x and out must be 16-byte aligned device memory");
+  if (routing) {
+    SPECMOE_EXPECTS(routing->num_tokens == n && routing->top_k == top_k &&
+                        routing->topk_ids.size() == static_cast<std::size_t>(n * top_k) &&
+                        routing->topk_weights.size() == static_cast<std::size_t>(n * top_k),
+                    errc::shape_mismatch, "routing is [", routing->num_tokens, ", ", routing->top_k, "], the batch needs [",
+                    n, ", ", top_k, "]");
+  }
+}
+
+/// Raises what the device flagged in a forward's status word (`who` prefixes the message).
+inline void raise_flagged_input(kernels::device_status const& s, int num_experts, std::string const& who) {
+  SPECMOE_EXPECTS(!(s.bits & kernels::device_error_expert_out_of_range), errc::expert_out_of_range, who,
+                  "routing names an expert id outside [-1, ", num_experts, ") at token ", s.first_token,
+                  " (first flagged); the output was not written");
+  SPECMOE_EXPECTS(!(s.bits & kernels::device_error_duplicate_expert), errc::expert_out_of_range, who,
+                  "routing names the same expert twice for token ", s.first_token,
+                  " (first flagged); the output was not written");
+  SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_logit), errc::non_finite, who, "router logits of token ",
+                  s.first_token, " (first flagged) are not finite (NaN or Inf); the output was not written");
+  SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_weight), errc::non_finite, who,
+                  "a routing weight of token ", s.first_token, " (first flagged) is not finite; the output was not written");
+}
+
+/// logits^T [E, n] (column-major, fp32) = router [E, H] (bf16) . x^T on the handle's stream.
+inline void enqueue_router_logits(cublasHandle_t cublas, matrix_view<bf16 const> router, __nv_bfloat16 const* x,
+                                  std::int64_t n, float* logits, cudaStream_t stream) {
+  float const one = 1.0f, zero = 0.0f;
+  auto const E = static_cast<int>(router.rows), H = static_cast<int>(router.cols);
+  SPECMOE_CUBLAS_TRY(cublasSetStream(cublas, stream));
+  SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one, router.data,
+                                  CUDA_R_16BF, static_cast<int>(router.stride), x, CUDA_R_16BF, H, &zero, logits, CUDA_R_32F,
+                                  E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace detail
 
 /// @brief Routed-expert weight tables the caller keeps on the device, used instead of the layer's
 /// own (offloaded experts: offload/device_expert_slots.cuh publishes one per layer, entry e pointing
@@ -148,22 +203,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                     "fp32 activations need a layer built with cuda_layer_options::fp32_activations = true");
     auto const H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
     auto const n = batch.x.rows;
-    SPECMOE_EXPECTS(batch.x.cols == H && out.cols == H && out.rows == n, errc::shape_mismatch, "x [", batch.x.rows, ", ",
-                    batch.x.cols, "] and out [", out.rows, ", ", out.cols, "] must both be [tokens, ", H, "]");
-    SPECMOE_EXPECTS(n <= options_.max_tokens, errc::invalid_argument, n, " tokens exceed max_tokens ",
-                    options_.max_tokens, " the workspace was sized for (cuda_layer_options::max_tokens)");
-    SPECMOE_EXPECTS(batch.x.stride == H && out.stride % 8 == 0, errc::unsupported,
-                    "x must be dense rows (stride = hidden) and out's stride a multiple of 8");
-    // (fp32 rows: 8 elements are 32 bytes, so 16-byte alignment and hidden % 8 == 0 still suffice)
-    SPECMOE_EXPECTS(n == 0 || (aligned(batch.x.data) && aligned(out.data)), errc::invalid_argument,
-                    "x and out must be 16-byte aligned device memory");
-    if (batch.routing) {
-      SPECMOE_EXPECTS(batch.routing->num_tokens == n && batch.routing->top_k == k &&
-                          batch.routing->topk_ids.size() == static_cast<std::size_t>(n * k) &&
-                          batch.routing->topk_weights.size() == static_cast<std::size_t>(n * k),
-                      errc::shape_mismatch, "routing is [", batch.routing->num_tokens, ", ", batch.routing->top_k,
-                      "], the batch needs [", n, ", ", k, "]");
-    }
+    detail::check_cuda_forward<T>(batch.x, out, batch.routing, H, k, options_.max_tokens);
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
                                      stream));
     if (n == 0) return;
@@ -248,16 +288,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
     kernels::device_status s{};
     SPECMOE_CUDA_TRY(cudaMemcpy(&s, status_, sizeof s, cudaMemcpyDeviceToHost));
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_expert_out_of_range), errc::expert_out_of_range,
-                    "routing names an expert id outside [-1, ", config_.num_experts, ") at token ", s.first_token,
-                    " (first flagged); the output was not written");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_duplicate_expert), errc::expert_out_of_range,
-                    "routing names the same expert twice for token ", s.first_token,
-                    " (first flagged); the output was not written");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_logit), errc::non_finite, "router logits of token ",
-                    s.first_token, " (first flagged) are not finite (NaN or Inf); the output was not written");
-    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_non_finite_weight), errc::non_finite,
-                    "a routing weight of token ", s.first_token, " (first flagged) is not finite; the output was not written");
+    detail::raise_flagged_input(s, config_.num_experts, "");
   }
 
   /// @brief forward_async, then check: returns when `out` holds the result.
@@ -283,10 +314,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                                       CUDA_R_32F, H, x, CUDA_R_32F, H, &zero, logits_, CUDA_R_32F, E, CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT));
     } else {
-      SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one,
-                                      weights_.router.weight.data, CUDA_R_16BF,
-                                      static_cast<int>(weights_.router.weight.stride), x, CUDA_R_16BF, H, &zero, logits_,
-                                      CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      detail::enqueue_router_logits(cublas_, weights_.router.weight, x, n, logits_, stream);
     }
     SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids, out_weights,
                                                status_, stream));
