@@ -3,11 +3,12 @@
 #pragma once
 
 #include <specmoe/comm/bootstrap.hpp>
+#include <specmoe/comm/nvlink_direct.cuh>
 #include <specmoe/core/cuda_error.cuh>
 
 #include <cuda_runtime.h>
 #if SPECMOE_HAS_NCCL
-#include <specmoe/comm/nccl_bootstrap.cuh>
+#include <specmoe/comm/nccl_alltoallv.cuh>
 #endif
 
 #include <algorithm>
@@ -54,12 +55,34 @@ struct nccl_comms {
     SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), ranks, devs.data()));
   }
   nccl_comms(nccl_comms const&) = delete;
+  [[nodiscard]] std::vector<void*> handles() const {
+    return std::vector<void*>(comms.begin(), comms.end());
+  }
   ~nccl_comms() {
     for (auto c : comms)
       if (c) ncclCommDestroy(c);
   }
 };
 #endif
+
+enum class backend { nvlink, nccl };
+inline char const* name(backend b) { return b == backend::nvlink ? "nvlink_direct" : "nccl_alltoallv"; }
+
+/// Builds rank r's backend of kind `b` (collectively) and returns run(backend).
+template <class Run>
+auto with_backend(backend b, int r, in_process_group& group, [[maybe_unused]] std::vector<void*> const& nccl,
+                  ep_buffer_options const& o, Run&& run) {
+  if (b == backend::nvlink) {
+    nvlink_direct_options no;
+    static_cast<ep_buffer_options&>(no) = o;
+    return run(nvlink_direct(std::make_shared<in_process_group::member>(group.join(r)), no));
+  }
+#if SPECMOE_HAS_NCCL
+  return run(nccl_alltoallv(static_cast<ncclComm_t>(nccl[static_cast<std::size_t>(r)]), o));
+#else
+  SPECMOE_FAIL(errc::unsupported, "built without NCCL");
+#endif
+}
 
 /// Per rank and round: the seconds each timed part took (averaged over the inner repetitions).
 struct rank_times {

@@ -102,8 +102,7 @@ rank_state make_rank(int rank, int D, long long n) {
   return s;
 }
 
-enum class backend { nvlink, nccl };
-char const* name(backend b) { return b == backend::nvlink ? "nvlink_direct" : "nccl_alltoallv"; }
+using bench::backend;
 
 struct measured {
   std::vector<std::vector<double>> parts;  // [dispatch, combine][round]
@@ -123,7 +122,9 @@ measured const& measure(backend b, long long n) {
   auto group = in_process_group::create(D);
 #if SPECMOE_HAS_NCCL
   bench::nccl_comms const nccl(D, b == backend::nccl);
-  auto const& comms = nccl.comms;
+  auto const comm_handles = nccl.handles();
+#else
+  std::vector<void*> const comm_handles;
 #endif
   bench::ep_job job;
   job.parts = 2;
@@ -151,16 +152,7 @@ measured const& measure(backend b, long long n) {
         }
       };
     };
-    if (b == backend::nvlink) {
-      nvlink_direct_options no;
-      static_cast<ep_buffer_options&>(no) = o;
-      return run(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), no));
-    }
-#if SPECMOE_HAS_NCCL
-    return run(nccl_alltoallv(comms[static_cast<std::size_t>(r)], o));
-#else
-    SPECMOE_FAIL(errc::unsupported, "built without NCCL");
-#endif
+    return bench::with_backend(b, r, *group, comm_handles, o, run);
   };
   measured result;
   result.parts = bench::run_ep_job(D, job);
@@ -200,7 +192,7 @@ int register_all() {
   for (backend b : {backend::nvlink, backend::nccl}) {
     for (int part = 0; part < 3; ++part) {
       char const* what = part == 0 ? "dispatch" : part == 1 ? "combine" : "dispatch_combine";
-      auto* bm = benchmark::RegisterBenchmark((std::string("ep/") + what + "/" + name(b)).c_str(),
+      auto* bm = benchmark::RegisterBenchmark((std::string("ep/") + what + "/" + bench::name(b)).c_str(),
                                               [b, part](benchmark::State& s) { ep_bench(s, b, part); });
       bm->ArgName("tokens")->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(12);
       for (long long n : {1, 16, 128, 512, 2048, 8192}) bm->Arg(n);

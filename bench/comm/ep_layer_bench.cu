@@ -54,7 +54,7 @@ struct rank_model {
   }
 };
 
-enum class backend { nvlink, nccl };
+using bench::backend;
 
 template <class Comm>
 using ep_layer = moe_layer<cuda_space, no_prediction, stay, contiguous_blocks, all_resident, Comm>;
@@ -72,7 +72,9 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
   auto group = in_process_group::create(D);
 #if SPECMOE_HAS_NCCL
   bench::nccl_comms const nccl(D, b == backend::nccl);
-  auto const& comms = nccl.comms;
+  auto const comm_handles = nccl.handles();
+#else
+  std::vector<void*> const comm_handles;
 #endif
   bench::ep_job job;
   job.rounds = static_cast<int>(state.max_iterations);
@@ -109,16 +111,7 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
                              matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), n, cfg.hidden_size), stream);
       };
     };
-    if (b == backend::nvlink) {
-      nvlink_direct_options no;
-      static_cast<ep_buffer_options&>(no) = o;
-      return run(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), no));
-    }
-#if SPECMOE_HAS_NCCL
-    return run(nccl_alltoallv(comms[static_cast<std::size_t>(r)], o));
-#else
-    SPECMOE_FAIL(errc::unsupported, "built without NCCL");
-#endif
+    return bench::with_backend(b, r, *group, comm_handles, o, run);
   };
   std::vector<std::vector<double>> times;
   try {
@@ -141,7 +134,7 @@ int register_all() {
   };
   for (auto s : {shape{"deepseek_v3", &models::deepseek_v3}, shape{"qwen3_30b_a3b", &models::qwen3_30b_a3b}}) {
     for (backend b : {backend::nvlink, backend::nccl}) {
-      auto const name = std::string("ep_layer/") + s.name + "/" + (b == backend::nvlink ? "nvlink_direct" : "nccl_alltoallv");
+      auto const name = std::string("ep_layer/") + s.name + "/" + bench::name(b);
       auto* bm = benchmark::RegisterBenchmark(name.c_str(), [s, b](benchmark::State& st) { layer_bench(st, s.make, b); });
       bm->ArgName("tokens")->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(8);
       for (long long n : {1, 16, 128, 1024, 8192}) bm->Arg(n);
