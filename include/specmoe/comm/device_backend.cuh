@@ -4,6 +4,8 @@
 
 #include <specmoe/comm/concepts.hpp>
 #include <specmoe/kernels/ep_dispatch.cuh>
+#include <specmoe/kernels/token_shuffle.cuh>
+#include <specmoe/placement/tp_shuffle.hpp>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -20,6 +22,9 @@ struct ep_buffer_options {
   std::int64_t max_tokens = 4096;  ///< most tokens one rank sends in one forward (its batch)
   int hidden = 0;                  ///< row width in bf16 elements (multiple of 8)
   int top_k = 0;                   ///< routing columns a row carries at most
+  /// Also reserve the buffers of the shuffled reduce-scatter and all-gather (the layer's
+  /// forward_tp_async, attention in tensor parallelism): 2 x ranks x max_tokens rows more.
+  bool token_shuffle = false;
 };
 
 /// @brief One dispatch, as the layer hands it to the backend (device pointers; see
@@ -69,7 +74,50 @@ concept device_comm_backend =
       { cc.combine_wait() } -> std::same_as<kernels::ep_wait>;
     };
 
+/// @brief A shuffled reduce-scatter (Speculative MoE, attention in tensor parallelism): every rank
+/// holds a partial of all T tokens; rank d receives the sums of the tokens at slots d*S.. of
+/// `order` (kernels/token_shuffle.cuh), in that order.
+struct shuffle_scatter_args {
+  __nv_bfloat16 const* partial = nullptr;  ///< [T, hidden] this rank's partial, row stride below
+  long long partial_stride = 0;
+  long long tokens = 0;                    ///< T, the same on every rank
+  long long shard_rows = 0;                ///< S = ceil(T / D)
+  std::int32_t const* order = nullptr;     ///< [D * S] token per slot (-1: none), the same on every rank
+  __nv_bfloat16* shard = nullptr;          ///< [tp_shard_count(T, D, rank), hidden] out
+  kernels::device_status* status = nullptr;
+};
+
+/// @brief The shuffled all-gather that undoes it: every rank's shard rows back to every rank, in
+/// token order.
+struct shuffle_gather_args {
+  __nv_bfloat16 const* shard = nullptr;  ///< [S, hidden] (rows past this rank's count unused)
+  long long tokens = 0;
+  long long shard_rows = 0;
+  std::int32_t const* order = nullptr;
+  __nv_bfloat16* out = nullptr;          ///< [T, hidden] row stride below; untouched when any rank flagged bad input
+  long long out_stride = 0;
+  kernels::device_status* status = nullptr;  ///< this rank's flags (read: bad input of its shard; written: timeouts)
+};
+
+/// @brief A device backend that also carries the token shuffle of forward_tp_async (buffers
+/// reserved with ep_buffer_options::token_shuffle).
+template <class C>
+concept token_shuffle_backend =
+    device_comm_backend<C> && requires(C& c, shuffle_scatter_args const& s, shuffle_gather_args const& g, cudaStream_t stream) {
+      c.reduce_scatter_async(s, stream);
+      c.all_gather_async(g, stream);
+    };
+
 namespace detail {
+
+/// Checks a shuffle against the buffers (host side, before anything is enqueued).
+inline void validate_shuffle(long long tokens, long long shard_rows, int num_ranks, ep_buffer_options const& o) {
+  SPECMOE_EXPECTS(o.token_shuffle, errc::invalid_argument,
+                  "the backend has no token-shuffle buffers: build it with ep_buffer_options::token_shuffle = true");
+  SPECMOE_EXPECTS(tokens >= 0 && shard_rows == tp_shard_rows(tokens, num_ranks) && shard_rows <= o.max_tokens,
+                  errc::invalid_argument, "a shuffle of ", tokens, " tokens over ", num_ranks, " ranks needs shards of ",
+                  tp_shard_rows(tokens, num_ranks), " rows; the buffers hold ", o.max_tokens, " per rank");
+}
 
 /// Checks buffer options once, naming what is wrong.
 inline void validate(ep_buffer_options const& o, int num_ranks) {
@@ -93,6 +141,7 @@ inline void validate(ep_dispatch_args const& a, ep_buffer_options const& o) {
 /// Buffers laid out identically on every rank, so one base pointer per peer finds them all.
 struct ep_buffer_layout {
   std::size_t recv_x = 0, recv_ids = 0, recv_weights = 0, returned = 0, dispatch_flags = 0, combine_flags = 0, bytes = 0;
+  std::size_t shuffle_partials = 0, shuffle_outputs = 0, scatter_flags = 0, gather_flags = 0;  // token_shuffle only
 
   ep_buffer_layout(ep_buffer_options const& o, int D) {
     auto const rows = static_cast<std::size_t>(D) * static_cast<std::size_t>(o.max_tokens);
@@ -107,6 +156,12 @@ struct ep_buffer_layout {
     returned = take(rows * static_cast<std::size_t>(o.hidden) * 2);
     dispatch_flags = take(static_cast<std::size_t>(D) * 8);
     combine_flags = take(static_cast<std::size_t>(D) * 8);
+    if (o.token_shuffle) {  // separate from the dispatch buffers: a peer may run one step ahead
+      shuffle_partials = take(rows * static_cast<std::size_t>(o.hidden) * 2);
+      shuffle_outputs = take(rows * static_cast<std::size_t>(o.hidden) * 2);
+      scatter_flags = take(static_cast<std::size_t>(D) * 8);
+      gather_flags = take(static_cast<std::size_t>(D) * 8);
+    }
   }
 };
 

@@ -37,14 +37,15 @@ class nccl_alltoallv {
     s.options = options;
     detail::validate(options, s.D);
     s.sms = detail::multiprocessor_count();
-    long long const mine[3] = {options.max_tokens, options.hidden, options.top_k};
-    std::vector<long long> all(static_cast<std::size_t>(3 * s.D));
+    long long const mine[4] = {options.max_tokens, options.hidden, options.top_k, options.token_shuffle ? 1 : 0};
+    std::vector<long long> all(static_cast<std::size_t>(4 * s.D));
     s.boot.allgather(mine, sizeof mine, all.data());
     for (int r = 0; r < s.D; ++r) {
-      auto const* o = all.data() + 3 * r;
-      SPECMOE_EXPECTS(o[0] == mine[0] && o[1] == mine[1] && o[2] == mine[2], errc::rank_mismatch,
+      auto const* o = all.data() + 4 * r;
+      SPECMOE_EXPECTS(o[0] == mine[0] && o[1] == mine[1] && o[2] == mine[2] && o[3] == mine[3], errc::rank_mismatch,
                       "nccl_alltoallv options differ: rank ", r, " has max_tokens ", o[0], ", hidden ", o[1], ", top_k ",
-                      o[2], "; rank ", s.rank, " has ", mine[0], ", ", mine[1], ", ", mine[2]);
+                      o[2], ", token_shuffle ", o[3], "; rank ", s.rank, " has ", mine[0], ", ", mine[1], ", ", mine[2],
+                      ", ", mine[3]);
     }
     detail::ep_buffer_layout const layout(options, s.D);
     s.layout = layout;
@@ -54,7 +55,7 @@ class nccl_alltoallv {
     s.stage_ids_offset = s.stage_x_offset + (rows * static_cast<std::size_t>(options.hidden) * 2 + 255) / 256 * 256;
     s.stage_weights_offset = s.stage_ids_offset + (rows * static_cast<std::size_t>(options.top_k) * 4 + 255) / 256 * 256;
     s.counts_offset = s.stage_weights_offset + (rows * static_cast<std::size_t>(options.top_k) * 4 + 255) / 256 * 256;
-    SPECMOE_CUDA_TRY(cudaMalloc(&s.buffer, s.counts_offset + 256));
+    SPECMOE_CUDA_TRY(cudaMalloc(&s.buffer, s.counts_offset + 256));  // counts [D], shuffle flags [D], own flag
     SPECMOE_CUDA_TRY(cudaMemset(s.buffer, 0, s.counts_offset + 256));
     SPECMOE_CUDA_TRY(cudaMallocHost(&s.host_counts, 2 * sizeof(std::int32_t) * static_cast<std::size_t>(s.D)));
   }
@@ -153,6 +154,47 @@ class nccl_alltoallv {
   }
   /// Nothing to wait for on the device: NCCL's kernels order the returns on the stream.
   [[nodiscard]] kernels::ep_wait combine_wait() const noexcept { return {}; }
+
+  /// Shuffled reduce-scatter: the partial rows in slot order into local staging (one region of S
+  /// rows per shard), then ncclReduceScatter (NCCL's bf16 sum: its order, not fp32-once).
+  void reduce_scatter_async(shuffle_scatter_args const& a, cudaStream_t stream) {
+    auto& s = *s_;
+    auto const H = s.options.hidden;
+    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
+    if (a.shard_rows == 0) return;
+    auto* stage = reinterpret_cast<__nv_bfloat16*>(s.buffer + s.layout.shuffle_partials);
+    kernels::ep_row_targets tg{};
+    for (int d = 0; d < s.D; ++d) tg.x[d] = stage + d * a.shard_rows * H;
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_partials(a.partial, a.partial_stride, H, a.order, s.D, a.shard_rows, tg,
+                                                           kernels::ep_signal{}, s.sms, stream));
+    auto const count = tp_shard_count(a.tokens, s.D, s.rank);
+    auto* reduced = reinterpret_cast<__nv_bfloat16*>(s.buffer + s.layout.shuffle_outputs);
+    nccl(ncclReduceScatter(stage, reduced, static_cast<std::size_t>(a.shard_rows * H), ncclBfloat16, ncclSum, comm(), stream),
+         "ncclReduceScatter(partials)");
+    if (count > 0)
+      SPECMOE_CUDA_TRY(cudaMemcpyAsync(a.shard, reduced, static_cast<std::size_t>(count * H) * 2, cudaMemcpyDeviceToDevice,
+                                       stream));
+  }
+
+  /// Shuffled all-gather: ncclAllGather of every shard (and of each rank's bad-input flag), then
+  /// the rows back in token order.
+  void all_gather_async(shuffle_gather_args const& a, cudaStream_t stream) {
+    auto& s = *s_;
+    auto const H = s.options.hidden;
+    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
+    if (a.shard_rows == 0) return;
+    auto* gathered = reinterpret_cast<__nv_bfloat16*>(s.buffer + s.layout.shuffle_outputs);
+    auto* bad = reinterpret_cast<std::int32_t*>(s.buffer + s.counts_offset + 64);  // [D]
+    auto* my_bad = bad + kernels::ep_max_ranks;
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(my_bad, &a.status->bits, sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
+    group([&] {
+      nccl(ncclAllGather(a.shard, gathered, static_cast<std::size_t>(a.shard_rows * H), ncclBfloat16, comm(), stream),
+           "ncclAllGather(outputs)");
+      nccl(ncclAllGather(my_bad, bad, 1, ncclInt32, comm(), stream), "ncclAllGather(flags)");
+    });
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(kernels::ep_wait{}, gathered, a.order, s.D, a.shard_rows, H, a.out,
+                                                       a.out_stride, bad, a.status, stream));
+  }
 
  private:
   struct state {

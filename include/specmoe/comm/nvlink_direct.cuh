@@ -67,6 +67,7 @@ class nvlink_direct {
     mine.max_tokens = options.max_tokens;
     mine.hidden = options.hidden;
     mine.top_k = options.top_k;
+    mine.token_shuffle = options.token_shuffle ? 1 : 0;
     mine.timeout_ms = options.timeout.count();
     // (IPC is only needed for peers in other processes; a failure matters only there)
     mine.ipc_ok = cudaIpcGetMemHandle(&mine.handle, s.own) == cudaSuccess ? 1 : 0;
@@ -76,10 +77,11 @@ class nvlink_direct {
     for (int r = 0; r < s.D; ++r) {
       auto const& o = all[static_cast<std::size_t>(r)];
       SPECMOE_EXPECTS(o.max_tokens == mine.max_tokens && o.hidden == mine.hidden && o.top_k == mine.top_k &&
-                          o.timeout_ms == mine.timeout_ms,
+                          o.timeout_ms == mine.timeout_ms && o.token_shuffle == mine.token_shuffle,
                       errc::rank_mismatch, "nvlink_direct options differ: rank ", r, " has max_tokens ", o.max_tokens,
-                      ", hidden ", o.hidden, ", top_k ", o.top_k, ", timeout ", o.timeout_ms, " ms; rank ", s.rank,
-                      " has ", mine.max_tokens, ", ", mine.hidden, ", ", mine.top_k, ", ", mine.timeout_ms, " ms");
+                      ", hidden ", o.hidden, ", top_k ", o.top_k, ", timeout ", o.timeout_ms, " ms, token_shuffle ",
+                      o.token_shuffle, "; rank ", s.rank, " has ", mine.max_tokens, ", ", mine.hidden, ", ", mine.top_k,
+                      ", ", mine.timeout_ms, " ms, ", mine.token_shuffle);
     }
     s.peer.assign(static_cast<std::size_t>(s.D), nullptr);
     for (int r = 0; r < s.D; ++r) {
@@ -172,6 +174,58 @@ class nvlink_direct {
     return {flags(s_->layout.combine_flags), epoch(), 0, nullptr, timeout_ns(), kernels::device_error_peer_timeout_combine};
   }
 
+  /// Shuffled reduce-scatter: this rank's partial rows go straight into their shard owner's
+  /// region for this rank; the owner waits for every rank and sums. Comes before the dispatch of
+  /// the same forward (it signals the epoch the dispatch will open).
+  void reduce_scatter_async(shuffle_scatter_args const& a, cudaStream_t stream) {
+    auto& s = *s_;
+    auto const H = s.options.hidden;
+    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
+    kernels::ep_row_targets tg{};
+    kernels::ep_signal sig{};
+    for (int d = 0; d < s.D; ++d) {
+      auto* base = s.peer[static_cast<std::size_t>(d)];
+      tg.x[d] = reinterpret_cast<__nv_bfloat16*>(base + s.layout.shuffle_partials) + s.rank * a.shard_rows * H;
+      sig.flag[d] = reinterpret_cast<unsigned long long*>(base + s.layout.scatter_flags) + s.rank;
+    }
+    sig.arrivals = arrivals(3);
+    sig.epoch = epoch();
+    sig.epoch_add = 1;
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_partials(a.partial, a.partial_stride, H, a.order, s.D, a.shard_rows, tg, sig,
+                                                           s.sms, stream));
+    kernels::ep_wait const w{flags(s.layout.scatter_flags), epoch(), 1, nullptr, timeout_ns(),
+                             kernels::device_error_peer_timeout_shuffle};
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_reduce(
+        w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_partials), s.D, a.shard_rows,
+        tp_shard_count(a.tokens, s.D, s.rank), H, a.shard, a.status, stream));
+  }
+
+  /// Shuffled all-gather: this rank's shard rows go into every rank's region for this rank (with a
+  /// bad-input mark in the signal); each rank waits for all and puts rows back in token order.
+  /// Comes after the combine of the same forward.
+  void all_gather_async(shuffle_gather_args const& a, cudaStream_t stream) {
+    auto& s = *s_;
+    auto const H = s.options.hidden;
+    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
+    kernels::ep_row_targets tg{};
+    kernels::ep_signal sig{};
+    for (int d = 0; d < s.D; ++d) {
+      auto* base = s.peer[static_cast<std::size_t>(d)];
+      tg.x[d] = reinterpret_cast<__nv_bfloat16*>(base + s.layout.shuffle_outputs) + s.rank * a.shard_rows * H;
+      sig.flag[d] = reinterpret_cast<unsigned long long*>(base + s.layout.gather_flags) + s.rank;
+    }
+    sig.arrivals = arrivals(4);
+    sig.epoch = epoch();
+    sig.epoch_add = 0;
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_outputs(a.shard, tp_shard_count(a.tokens, s.D, s.rank), H, s.D, tg, sig,
+                                                          a.status, s.sms, stream));
+    kernels::ep_wait const w{flags(s.layout.gather_flags), epoch(), 0, nullptr, timeout_ns(),
+                             kernels::device_error_peer_timeout_shuffle};
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_outputs),
+                                                       a.order, s.D, a.shard_rows, H, a.out, a.out_stride, nullptr, a.status,
+                                                       stream));
+  }
+
  private:
   struct record {
     long long pid;
@@ -182,6 +236,7 @@ class nvlink_direct {
     long long timeout_ms;
     int hidden;
     int ipc_ok;
+    int token_shuffle;
     cudaIpcMemHandle_t handle;
   };
 

@@ -6,7 +6,9 @@
 #include <specmoe/comm/device_backend.cuh>
 #include <specmoe/core/expert_placement.hpp>
 #include <specmoe/kernels/ep_dispatch.cuh>
+#include <specmoe/kernels/token_shuffle.cuh>
 #include <specmoe/layer/cuda_moe_layer.cuh>
+#include <specmoe/placement/tp_shuffle.hpp>
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -27,6 +29,24 @@ struct cuda_ep_layer_options {
   std::int64_t max_tokens = 0;
 };
 
+/// @brief One forward with attention in tensor parallelism (forward_tp_async): every rank holds a
+/// partial of every token (its attention output before the all-reduce), device memory.
+struct cuda_tp_batch {
+  matrix_view<bf16 const> partial;  ///< [T, hidden] this rank's partial; T the same on every rank
+  std::int32_t const* token_ids = nullptr;  ///< [T] vocabulary ids (device predictors read them)
+  /// [T] the engine's own guess of each token's rank (-1: none), used instead of the predictor;
+  /// the same on every rank.
+  std::int32_t const* predicted_rank = nullptr;
+  float const* predicted_confidence = nullptr;  ///< [T] or null (every guess fully confident)
+  std::optional<routing_view> routing{};        ///< [T, top_k] engine routing of every token (skips the gate)
+};
+
+/// A RouterPredictor that also guesses on the device (router/device_token_affinity.cuh).
+template <class P>
+concept device_router_predictor =
+    router_predictor<P> && requires(P const& p, std::int32_t const* ids, std::int64_t n, std::int32_t* rank, float* conf,
+                                    cudaStream_t stream) { p.predict_async(ids, n, rank, conf, stream); };
+
 /// @brief The expert-parallel layer: each rank holds the router, the shared experts, and the
 /// routed experts the grouping places on it; tokens cross to the ranks that hold their experts.
 ///
@@ -43,9 +63,12 @@ struct cuda_ep_layer_options {
 template <router_predictor Predictor, token_placement Placement, expert_grouping Grouping, prefetch_depth Prefetch,
           device_comm_backend Comm>
 class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
-  static_assert(!Predictor::predicts && !Placement::moves_tokens,
-                "moe_layer<cuda_space, ..., device backend>: speculative prediction and token placement are not on "
-                "the GPU path yet (use no_prediction and stay)");
+  static_assert(!Predictor::predicts || device_router_predictor<Predictor>,
+                "moe_layer<cuda_space, ..., device backend>: predictors run on the device here (device_token_affinity), "
+                "or the engine passes its guesses in cuda_tp_batch::predicted_rank (with no_prediction)");
+  static_assert(std::is_same_v<Placement, stay> || std::is_same_v<Placement, tp_balanced_shuffle>,
+                "moe_layer<cuda_space, ..., device backend>: token placement is stay (plain) or tp_balanced_shuffle (the "
+                "shuffled reduce-scatter of forward_tp_async)");
   static_assert(!Prefetch::offloads, "moe_layer<cuda_space, ..., device backend> keeps every expert resident");
   using local_layer = moe_layer<cuda_space>;  // the single-GPU layer runs this rank's experts
   static_assert(std::is_trivially_copyable_v<moe_config>);
@@ -109,11 +132,97 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   /// the same layer, in the same order). Host checks throw before anything is enqueued.
   void forward_async(cuda_batch const& batch, matrix_view<bf16> out, cudaStream_t stream,
                      cuda_routing_output routing_out = {}) {
-    auto const H = config_.hidden_size, k = config_.top_k;
-    auto const n = batch.x.rows;
-    detail::check_cuda_forward<bf16>(batch.x, out, batch.routing, H, k, max_tokens_);
+    detail::check_cuda_forward<bf16>(batch.x, out, batch.routing, config_.hidden_size, config_.top_k, max_tokens_);
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
                                      stream));
+    last_tp_tokens_ = 0;
+    enqueue_forward(batch, out, stream, routing_out);
+  }
+
+  /// @brief Enqueues the MoE block of a model whose attention runs in tensor parallelism, on
+  /// `stream`: out[t] = MoE(sum over ranks of partial[t]) for all T tokens, on every rank (every
+  /// rank calls it for the same layer, in the same order, with the same T).
+  ///
+  /// The all-reduce after attention becomes a reduce-scatter whose shards are chosen by the
+  /// placement: `stay` splits the batch into contiguous shards (the plain block); with
+  /// `tp_balanced_shuffle` each shard holds the tokens predicted to need this rank's experts
+  /// (placement/tp_shuffle.hpp's rule), so fewer rows cross in the dispatch. Each rank then runs
+  /// the expert-parallel forward on its shard, and an all-gather puts every token back in order.
+  /// The same bytes as the all-reduce it replaces; the output does not depend on the guesses.
+  /// Needs a token_shuffle_backend with ep_buffer_options::token_shuffle; T <= ranks x max_tokens.
+  void forward_tp_async(cuda_tp_batch const& b, matrix_view<bf16> out, cudaStream_t stream)
+    requires token_shuffle_backend<Comm>
+  {
+    auto const H = config_.hidden_size, k = config_.top_k;
+    auto const T = b.partial.rows, S = tp_shard_rows(T, D_), count = tp_shard_count(T, D_, rank_);
+    SPECMOE_EXPECTS(b.partial.cols == H && out.cols == H && out.rows == T, errc::shape_mismatch, "partial [", b.partial.rows,
+                    ", ", b.partial.cols, "] and out [", out.rows, ", ", out.cols, "] must both be [tokens, ", H, "]");
+    SPECMOE_EXPECTS(S <= max_tokens_, errc::invalid_argument, T, " tokens over ", D_, " ranks make shards of ", S,
+                    " rows; the layer holds ", max_tokens_, " per rank (max_tokens)");
+    SPECMOE_EXPECTS(b.partial.stride % 8 == 0 && out.stride % 8 == 0 && (T == 0 || (aligned(b.partial.data) && aligned(out.data))),
+                    errc::invalid_argument, "partial and out must be 16-byte aligned device rows with strides a multiple of 8");
+    SPECMOE_EXPECTS(policies_.comm.options().token_shuffle, errc::invalid_argument,
+                    "forward_tp_async needs a backend built with ep_buffer_options::token_shuffle = true");
+    if (b.routing)
+      SPECMOE_EXPECTS(b.routing->num_tokens == T && b.routing->top_k == k &&
+                          b.routing->topk_ids.size() == static_cast<std::size_t>(T * k) &&
+                          b.routing->topk_weights.size() == static_cast<std::size_t>(T * k),
+                      errc::shape_mismatch, "routing is [", b.routing->num_tokens, ", ", b.routing->top_k,
+                      "], the batch needs [", T, ", ", k, "]");
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
+                                     stream));
+    last_tp_tokens_ = T;
+    if (T == 0) return;
+    std::int32_t const* predicted = nullptr;
+    float const* confidence = nullptr;
+    if constexpr (Placement::moves_tokens) {
+      if (b.predicted_rank) {
+        predicted = b.predicted_rank;
+        confidence = b.predicted_confidence;
+      } else if constexpr (Predictor::predicts) {
+        policies_.predictor.predict_async(b.token_ids, T, predicted_, confidence_, stream);
+        predicted = predicted_;
+        confidence = confidence_;
+      }
+    }
+    SPECMOE_CUDA_TRY(kernels::launch_token_shuffle_plan(predicted, confidence, T, D_, S, rank_of_, order_, stream));
+    auto& comm = policies_.comm;
+    comm.reduce_scatter_async({reinterpret_cast<__nv_bfloat16 const*>(b.partial.data), b.partial.stride, T, S, order_,
+                               shard_x_, status_},
+                              stream);
+    cuda_batch shard{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(shard_x_), count, H)};
+    if (b.routing) {
+      SPECMOE_CUDA_TRY(kernels::launch_shuffle_gather_routing(b.routing->topk_ids.data(), b.routing->topk_weights.data(), k,
+                                                              order_ + rank_ * S, count, shard_ids_, shard_weights_, stream));
+      shard.routing = routing_view{std::span<std::int32_t const>(shard_ids_, static_cast<std::size_t>(count * k)),
+                                   std::span<float const>(shard_weights_, static_cast<std::size_t>(count * k)), count, k};
+    }
+    enqueue_forward(shard, matrix_view<bf16>(reinterpret_cast<bf16*>(shard_out_), count, H), stream, {});
+    comm.all_gather_async({shard_out_, T, S, order_, reinterpret_cast<__nv_bfloat16*>(out.data), out.stride, status_}, stream);
+  }
+
+  /// @brief forward_tp_async, then check.
+  void forward_tp(cuda_tp_batch const& b, matrix_view<bf16> out, cudaStream_t stream = nullptr)
+    requires token_shuffle_backend<Comm>
+  {
+    forward_tp_async(b, out, stream);
+    check(stream);
+  }
+
+  /// The rank each token of the last forward_tp sat on (waits for `stream`): the shuffle plan.
+  [[nodiscard]] std::vector<int> token_ranks(cudaStream_t stream) const {
+    SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    std::vector<int> ranks(static_cast<std::size_t>(last_tp_tokens_));
+    if (!ranks.empty())
+      SPECMOE_CUDA_TRY(cudaMemcpy(ranks.data(), rank_of_, ranks.size() * 4, cudaMemcpyDeviceToHost));
+    return ranks;
+  }
+
+ private:
+  /// The expert-parallel forward of `batch` (status already reset by the caller).
+  void enqueue_forward(cuda_batch const& batch, matrix_view<bf16> out, cudaStream_t stream, cuda_routing_output routing_out) {
+    auto const H = config_.hidden_size, k = config_.top_k;
+    auto const n = batch.x.rows;
     auto const* x = reinterpret_cast<__nv_bfloat16 const*>(batch.x.data);
     std::int32_t const* ids = ids_;
     float const* weights = weights_out_;
@@ -156,6 +265,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                                                        stream));
   }
 
+ public:
   /// @brief Enqueues only the gate on `stream` (the same kernels as inside forward_async): top-k ids
   /// and weights of x's tokens into `routing_out` (device [tokens, top_k], both required). Local to
   /// this rank: no peer takes part. NaN logits are flagged for `check`.
@@ -180,12 +290,24 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
     kernels::device_status s{};
     SPECMOE_CUDA_TRY(cudaMemcpy(&s, status_, sizeof s, cudaMemcpyDeviceToHost));
-    SPECMOE_EXPECTS(!(s.bits & (kernels::device_error_peer_timeout | kernels::device_error_peer_timeout_combine)),
-                    errc::timeout, "rank ", rank_, ": rank ", s.first_token, " did not signal its ",
-                    s.bits & kernels::device_error_peer_timeout ? "dispatched rows" : "combined results",
+    constexpr int timeouts = kernels::device_error_peer_timeout | kernels::device_error_peer_timeout_combine |
+                             kernels::device_error_peer_timeout_shuffle;
+    SPECMOE_EXPECTS(!(s.bits & timeouts), errc::timeout, "rank ", rank_, ": rank ", s.first_token, " did not signal its ",
+                    s.bits & kernels::device_error_peer_timeout         ? "dispatched rows"
+                    : s.bits & kernels::device_error_peer_timeout_combine ? "combined results"
+                                                                          : "shuffled rows (reduce-scatter or all-gather)",
                     " within the backend's timeout; the expert-parallel group is out of step and must be rebuilt (did "
-                    "every rank call forward for this layer?)");
+                    "every rank call forward for this layer, with the same token count?)");
+    if (last_tp_tokens_ > 0 && (s.bits & kernels::device_error_peer_bad_input) == 0 && s.bits != 0 &&
+        s.first_token >= 0 && s.first_token < max_tokens_) {  // name the batch's token, not the shard row
+      std::int32_t token = -1;
+      auto const slot = rank_ * tp_shard_rows(last_tp_tokens_, D_) + s.first_token;
+      SPECMOE_CUDA_TRY(cudaMemcpy(&token, order_ + slot, sizeof token, cudaMemcpyDeviceToHost));
+      s.first_token = token;
+    }
     detail::raise_flagged_input(s, config_.num_experts, detail::concat("rank ", rank_, ": "));
+    SPECMOE_EXPECTS(!(s.bits & kernels::device_error_peer_bad_input), errc::invalid_argument, "rank ", rank_, ": rank ",
+                    s.first_token, " flagged bad input in the shard it computed (its check names it); out was not written");
     if (local_) local_->check(stream);
     if (shared_) shared_->check(stream);
   }
@@ -297,7 +419,9 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                               size(N * D * 4) + size(D * 4) + size((E + 1) * 4) + size(owners * 4) + size(D * E * 4) +
                               size(D * N * H * 2) + size(N * H * 2) + 2 * size(N * S * 4) + size(router_rows * H * 2) +
                               size(E * 4) + cublas_ws;
-    SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, bytes));
+    bool const tp = policies_.comm.options().token_shuffle;
+    std::size_t const tp_bytes = tp ? 4 * size(D * N * 4) + 2 * size(N * H * 2) + 2 * size(N * k * 4) : 0;
+    SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, bytes + tp_bytes));
     auto* cursor = static_cast<std::byte*>(workspace_);
     status_ = carve<kernels::device_status>(cursor, 1);
     clean_status_ = carve<kernels::device_status>(cursor, 1);
@@ -318,6 +442,16 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     zero_router_ = carve<__nv_bfloat16>(cursor, router_rows * H);
     bias_ = carve<float>(cursor, E);
     auto* cublas_workspace = carve<std::byte>(cursor, cublas_ws);
+    if (tp) {  // forward_tp_async: guesses, shuffle plan, the shard in and out
+      predicted_ = carve<std::int32_t>(cursor, D * N);
+      confidence_ = carve<float>(cursor, D * N);
+      rank_of_ = carve<std::int32_t>(cursor, D * N);
+      order_ = carve<std::int32_t>(cursor, D * N);
+      shard_x_ = carve<__nv_bfloat16>(cursor, N * H);
+      shard_out_ = carve<__nv_bfloat16>(cursor, N * H);
+      shard_ids_ = carve<std::int32_t>(cursor, N * k);
+      shard_weights_ = carve<float>(cursor, N * k);
+    }
 
     kernels::device_status const clean{0, 0, (1ll << 62)};
     SPECMOE_CUDA_TRY(cudaMemcpy(clean_status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
@@ -392,6 +526,16 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   float* shared_weights_ = nullptr;
   __nv_bfloat16* zero_router_ = nullptr;
   float* bias_ = nullptr;
+  // forward_tp_async only
+  std::int64_t last_tp_tokens_ = 0;
+  std::int32_t* predicted_ = nullptr;
+  float* confidence_ = nullptr;
+  std::int32_t* rank_of_ = nullptr;
+  std::int32_t* order_ = nullptr;
+  __nv_bfloat16* shard_x_ = nullptr;
+  __nv_bfloat16* shard_out_ = nullptr;
+  std::int32_t* shard_ids_ = nullptr;
+  float* shard_weights_ = nullptr;
 };
 
 }  // namespace specmoe
