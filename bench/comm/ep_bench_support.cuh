@@ -2,9 +2,13 @@
 // a thread per rank (rank r on GPU r % GPUs), in lockstep rounds; shared by the EP benchmarks.
 #pragma once
 
+#include "gpu_bench_support.cuh"
+
 #include <specmoe/comm/bootstrap.hpp>
 #include <specmoe/comm/nvlink_direct.cuh>
 #include <specmoe/core/cuda_error.cuh>
+#include <specmoe/core/expert_weights.hpp>
+#include <specmoe/core/moe_config.hpp>
 
 #include <cuda_runtime.h>
 #if SPECMOE_HAS_NCCL
@@ -13,6 +17,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstdlib>
 #include <exception>
 #include <functional>
@@ -83,6 +88,40 @@ auto with_backend(backend b, int r, in_process_group& group, [[maybe_unused]] st
   SPECMOE_FAIL(errc::unsupported, "built without NCCL");
 #endif
 }
+
+// One rank's device weights: router, shared experts, and its own routed experts (random).
+struct rank_model {
+  std::vector<__nv_bfloat16*> buffers;
+  std::vector<float> bias;
+  moe_weights<bf16> weights;
+
+  rank_model(moe_config const& cfg, int local_experts, std::uint64_t seed) {
+    auto const H = cfg.hidden_size, F = cfg.ffn_size, E = cfg.num_experts;
+    auto make = [&](std::size_t n, float scale) {
+      buffers.push_back(specmoe_bench::random_device_bf16(std::max<std::size_t>(n, 8), seed + buffers.size(), scale));
+      return reinterpret_cast<bf16 const*>(buffers.back());
+    };
+    float const in_h = 2.0f / std::sqrt(static_cast<float>(H)), in_f = 2.0f / std::sqrt(static_cast<float>(F));
+    weights.router.weight = matrix_view<bf16 const>(make(std::size_t(E) * H, 4.0f / std::sqrt(float(H))), E, H);
+    if (cfg.gate.has_score_bias) {
+      bias.assign(static_cast<std::size_t>(E), 0.0f);
+      for (int e = 0; e < E; ++e) bias[static_cast<std::size_t>(e)] = 0.01f * static_cast<float>(e % 7);
+      weights.router.score_bias = bias;
+    }
+    auto const L = static_cast<std::size_t>(local_experts);
+    weights.experts = ffn_weights<bf16>::dense(make(L * F * H, in_h), make(L * F * H, in_h), make(L * H * F, in_f),
+                                               local_experts, H, F);
+    if (cfg.num_shared_experts > 0) {
+      auto const S = cfg.num_shared_experts, SF = cfg.shared_ffn_size;
+      weights.shared = ffn_weights<bf16>::dense(make(std::size_t(S) * SF * H, in_h), make(std::size_t(S) * SF * H, in_h),
+                                                make(std::size_t(S) * H * SF, 2.0f / std::sqrt(float(SF))), S, H, SF);
+    }
+  }
+  rank_model(rank_model const&) = delete;
+  ~rank_model() {
+    for (auto* p : buffers) cudaFree(p);
+  }
+};
 
 /// Per rank and round: the seconds each timed part took (averaged over the inner repetitions).
 struct rank_times {

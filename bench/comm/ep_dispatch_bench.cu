@@ -134,9 +134,10 @@ measured const& measure(backend b, long long n) {
     auto st = std::make_shared<rank_state>(make_rank(r, D, n));
     crossing[static_cast<std::size_t>(r)] = st->bytes_crossing;
     ep_buffer_options const o{std::max<long long>(n, 1), hidden, top_k};
-    auto run = [st, n, D](auto comm) -> std::function<void(int, cudaStream_t)> {
+    int const sms = specmoe::detail::multiprocessor_count();
+    auto run = [st, n, D, sms](auto comm) -> std::function<void(int, cudaStream_t)> {
       auto c = std::make_shared<decltype(comm)>(std::move(comm));
-      return [st, c, n, D](int part, cudaStream_t stream) {
+      return [st, c, n, D, sms](int part, cudaStream_t stream) {
         long long const region = std::max<long long>(n, 1);
         if (part == 0) {
           SPECMOE_CUDA_TRY(kernels::launch_ep_plan(st->ids->p, st->weights->p, n, top_k, st->view, c->rank(), st->dest_of->p,
@@ -148,7 +149,7 @@ measured const& measure(backend b, long long n) {
           c->combine_async(c->received().x, region, stream);
           SPECMOE_CUDA_TRY(kernels::launch_ep_combine_reduce(c->combine_wait(), c->returned(), st->send_slot->p, n, D,
                                                              static_cast<int>(region), hidden, nullptr, st->out->p, hidden,
-                                                             st->status->p, stream));
+                                                             st->status->p, sms, stream));
         }
       };
     };

@@ -193,7 +193,7 @@ class nccl_alltoallv {
       nccl(ncclAllGather(my_bad, bad, 1, ncclInt32, comm(), stream), "ncclAllGather(flags)");
     });
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(kernels::ep_wait{}, gathered, a.order, s.D, a.shard_rows, H, a.out,
-                                                       a.out_stride, bad, a.status, stream));
+                                                       a.out_stride, bad, a.status, s.sms, stream));
   }
 
  private:

@@ -197,7 +197,7 @@ class nvlink_direct {
                              kernels::device_error_peer_timeout_shuffle};
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_reduce(
         w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_partials), s.D, a.shard_rows,
-        tp_shard_count(a.tokens, s.D, s.rank), H, a.shard, a.status, stream));
+        tp_shard_count(a.tokens, s.D, s.rank), H, a.shard, a.status, s.sms, stream));
   }
 
   /// Shuffled all-gather: this rank's shard rows go into every rank's region for this rank (with a
@@ -223,7 +223,7 @@ class nvlink_direct {
                              kernels::device_error_peer_timeout_shuffle};
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_outputs),
                                                        a.order, s.D, a.shard_rows, H, a.out, a.out_stride, nullptr, a.status,
-                                                       stream));
+                                                       s.sms, stream));
   }
 
  private:

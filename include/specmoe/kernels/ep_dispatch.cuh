@@ -301,25 +301,26 @@ static __global__ void __launch_bounds__(256)
   detail::ep_block_wait(w, D, nullptr, counts, status);  // (counts unused: the slots say where each row is)
   if (*reinterpret_cast<int volatile*>(&status->bits) != 0) return;
   int const vecs = hidden / 8;
-  long long const idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  long long const t = idx / vecs;
-  if (t >= n) return;
-  int const v = static_cast<int>(idx % vecs);
-  float acc[8] = {};
-  float part[8];
-  for (int d = 0; d < D; ++d) {
-    int const slot = send_slot[t * D + d];
-    if (slot < 0) continue;
-    detail::load8(returned + (static_cast<long long>(d) * capacity + slot) * hidden + v * 8, part);
+  for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n * vecs;
+       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
+    long long const t = idx / vecs;
+    int const v = static_cast<int>(idx % vecs);
+    float acc[8] = {};
+    float part[8];
+    for (int d = 0; d < D; ++d) {
+      int const slot = send_slot[t * D + d];
+      if (slot < 0) continue;
+      detail::load8(returned + (static_cast<long long>(d) * capacity + slot) * hidden + v * 8, part);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
-  }
-  if (shared) {
-    detail::load8(shared + t * hidden + v * 8, part);
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+    }
+    if (shared) {
+      detail::load8(shared + t * hidden + v * 8, part);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+    }
+    detail::store8(out + t * out_stride + v * 8, acc);
   }
-  detail::store8(out + t * out_stride + v * 8, acc);
 }
 
 // ---- host launchers -------------------------------------------------------------------------
@@ -331,6 +332,14 @@ inline cudaError_t launch_ep_plan(std::int32_t const* ids, float const* weights,
   int const threads = n >= 1024 ? 1024 : static_cast<int>((n + 31) / 32 * 32 > 0 ? (n + 31) / 32 * 32 : 32);
   ep_plan_kernel<<<1, threads, 0, stream>>>(ids, weights, n, k, p, home, dest_of, send_slot, send_counts, status);
   return cudaGetLastError();
+}
+
+/// Blocks of 256 threads for a kernel that first waits for peers: at most two per SM, so ranks
+/// sharing a GPU keep room for the peer kernels they wait for.
+inline unsigned ep_wait_blocks(long long threads, int sms) {
+  long long const blocks = (threads + 255) / 256;
+  long long const cap = 2LL * sms;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < cap ? blocks : cap));
 }
 
 /// Blocks for the row-copy kernels: enough warps to keep the links busy, capped by the work.
@@ -352,10 +361,7 @@ inline cudaError_t launch_ep_send_rows(__nv_bfloat16 const* x, long long n, int 
 inline cudaError_t launch_ep_dispatch_wait(ep_wait const& w, int D, int capacity, int width, std::int32_t* recv_counts,
                                            std::int32_t* recv_ids, float* recv_weights, device_status* status, int sms,
                                            cudaStream_t stream) {
-  long long const total = static_cast<long long>(D) * capacity * width;
-  long long const blocks = (total + 255) / 256;
-  int const grid = static_cast<int>(blocks < 1 ? 1 : (blocks < 2LL * sms ? blocks : 2LL * sms));
-  ep_dispatch_wait_kernel<<<grid, 256, 0, stream>>>(w, D, capacity, width, recv_counts, recv_ids, recv_weights, status);
+  ep_dispatch_wait_kernel<<<ep_wait_blocks(static_cast<long long>(D) * capacity * width, sms), 256, 0, stream>>>(w, D, capacity, width, recv_counts, recv_ids, recv_weights, status);
   return cudaGetLastError();
 }
 
@@ -370,12 +376,10 @@ inline cudaError_t launch_ep_return_rows(__nv_bfloat16 const* results, std::int3
 inline cudaError_t launch_ep_combine_reduce(ep_wait const& w, __nv_bfloat16 const* returned,
                                             std::int32_t const* send_slot, long long n, int D, int capacity, int hidden,
                                             __nv_bfloat16 const* shared, __nv_bfloat16* out, long long out_stride,
-                                            device_status* status, cudaStream_t stream) {
+                                            device_status* status, int sms, cudaStream_t stream) {
   if (n == 0 && w.flags == nullptr) return cudaSuccess;
-  long long const threads = n * (hidden / 8);
-  long long const blocks = (threads + 255) / 256;
-  ep_combine_reduce_kernel<<<static_cast<unsigned>(blocks < 1 ? 1 : blocks), 256, 0, stream>>>(
-      w, returned, send_slot, n, D, capacity, hidden, shared, out, out_stride, status);
+  ep_combine_reduce_kernel<<<ep_wait_blocks(n * (hidden / 8), sms), 256, 0, stream>>>(w, returned, send_slot, n, D, capacity,
+                                                                                     hidden, shared, out, out_stride, status);
   return cudaGetLastError();
 }
 

@@ -199,18 +199,19 @@ static __global__ void __launch_bounds__(256)
   __shared__ int counts[ep_max_ranks];
   detail::ep_block_wait(w, D, nullptr, counts, status);
   int const vecs = hidden / 8;
-  long long const idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  long long const i = idx / vecs;
-  if (i >= count) return;
-  int const v = static_cast<int>(idx % vecs);
-  float acc[8] = {};
-  float part[8];
-  for (int s = 0; s < D; ++s) {
-    detail::load8(regions + (s * S + i) * hidden + v * 8, part);
+  for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < count * vecs;
+       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
+    long long const i = idx / vecs;
+    int const v = static_cast<int>(idx % vecs);
+    float acc[8] = {};
+    float part[8];
+    for (int s = 0; s < D; ++s) {
+      detail::load8(regions + (s * S + i) * hidden + v * 8, part);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+    }
+    detail::store8(shard + i * hidden + v * 8, acc);
   }
-  detail::store8(shard + i * hidden + v * 8, acc);
 }
 
 /// A warp per shard row i < count: copies it into every rank's gather region for this source
@@ -245,19 +246,22 @@ static __global__ void __launch_bounds__(256)
                              int D, long long S, int hidden, __nv_bfloat16* __restrict__ out, long long out_stride,
                              std::int32_t const* __restrict__ bad_from, device_status* status) {
   __shared__ int counts[ep_max_ranks];
+  __shared__ int prior;  // this rank's own flags, from the kernels before (they name its token)
+  if (threadIdx.x == 0) prior = *reinterpret_cast<int volatile*>(&status->bits);
   detail::ep_block_wait(w, D, bad_from, counts, status);
-  if (threadIdx.x < static_cast<unsigned>(D) && counts[threadIdx.x] != 0)
+  if (prior == 0 && threadIdx.x < static_cast<unsigned>(D) && counts[threadIdx.x] != 0)
     detail::report(status, device_error_peer_bad_input, static_cast<long long>(threadIdx.x));
   __syncthreads();
   if (*reinterpret_cast<int volatile*>(&status->bits) != 0) return;
   int const vecs = hidden / 8;
-  long long const idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  long long const j = idx / vecs;
-  if (j >= D * S) return;
-  int const t = order[j];
-  if (t < 0) return;
-  int const v = static_cast<int>(idx % vecs);
-  reinterpret_cast<uint4*>(out + t * out_stride)[v] = reinterpret_cast<uint4 const*>(gathered + j * hidden)[v];
+  for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < D * S * vecs;
+       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
+    long long const j = idx / vecs;
+    int const t = order[j];
+    if (t < 0) continue;
+    int const v = static_cast<int>(idx % vecs);
+    reinterpret_cast<uint4*>(out + t * out_stride)[v] = reinterpret_cast<uint4 const*>(gathered + j * hidden)[v];
+  }
 }
 
 /// Gathers the routing rows of the tokens in one shard: ids/weights [count, k] from [T, k].
@@ -290,10 +294,9 @@ inline cudaError_t launch_shuffle_push_partials(__nv_bfloat16 const* partial, lo
 }
 
 inline cudaError_t launch_shuffle_reduce(ep_wait const& w, __nv_bfloat16 const* regions, int D, long long S, long long count,
-                                         int hidden, __nv_bfloat16* shard, device_status* status, cudaStream_t stream) {
-  long long const blocks = (count * (hidden / 8) + 255) / 256;
-  shuffle_reduce_kernel<<<static_cast<unsigned>(blocks < 1 ? 1 : blocks), 256, 0, stream>>>(w, regions, D, S, count, hidden,
-                                                                                            shard, status);
+                                         int hidden, __nv_bfloat16* shard, device_status* status, int sms, cudaStream_t stream) {
+  shuffle_reduce_kernel<<<ep_wait_blocks(count * (hidden / 8), sms), 256, 0, stream>>>(w, regions, D, S, count, hidden, shard,
+                                                                                       status);
   return cudaGetLastError();
 }
 
@@ -306,10 +309,10 @@ inline cudaError_t launch_shuffle_push_outputs(__nv_bfloat16 const* shard, long 
 
 inline cudaError_t launch_shuffle_unpermute(ep_wait const& w, __nv_bfloat16 const* gathered, std::int32_t const* order, int D,
                                             long long S, int hidden, __nv_bfloat16* out, long long out_stride,
-                                            std::int32_t const* bad_from, device_status* status, cudaStream_t stream) {
-  long long const blocks = (D * S * (hidden / 8) + 255) / 256;
-  shuffle_unpermute_kernel<<<static_cast<unsigned>(blocks < 1 ? 1 : blocks), 256, 0, stream>>>(
-      w, gathered, order, D, S, hidden, out, out_stride, bad_from, status);
+                                            std::int32_t const* bad_from, device_status* status, int sms,
+                                            cudaStream_t stream) {
+  shuffle_unpermute_kernel<<<ep_wait_blocks(D * S * (hidden / 8), sms), 256, 0, stream>>>(w, gathered, order, D, S, hidden, out,
+                                                                                          out_stride, bad_from, status);
   return cudaGetLastError();
 }
 

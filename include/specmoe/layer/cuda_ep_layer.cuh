@@ -88,6 +88,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto& comm = policies_.comm;
     rank_ = comm.rank();
     D_ = comm.num_ranks();
+    sms_ = detail::multiprocessor_count();
     auto const buffers = comm.options();
     max_tokens_ = options.max_tokens > 0 ? options.max_tokens : buffers.max_tokens;
     check_agreement();  // every rank throws alike when any rank disagrees (before any local check)
@@ -262,7 +263,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     SPECMOE_CUDA_TRY(kernels::launch_ep_combine_reduce(comm.combine_wait(), comm.returned(), send_slot_, n, D_,
                                                        static_cast<int>(max_tokens_), H, shared_ && n > 0 ? shared_out_ : nullptr,
                                                        reinterpret_cast<__nv_bfloat16*>(out.data), out.stride, status_,
-                                                       stream));
+                                                       sms_, stream));
   }
 
  public:
@@ -293,9 +294,9 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     constexpr int timeouts = kernels::device_error_peer_timeout | kernels::device_error_peer_timeout_combine |
                              kernels::device_error_peer_timeout_shuffle;
     SPECMOE_EXPECTS(!(s.bits & timeouts), errc::timeout, "rank ", rank_, ": rank ", s.first_token, " did not signal its ",
-                    s.bits & kernels::device_error_peer_timeout         ? "dispatched rows"
-                    : s.bits & kernels::device_error_peer_timeout_combine ? "combined results"
-                                                                          : "shuffled rows (reduce-scatter or all-gather)",
+                    s.bits & kernels::device_error_peer_timeout_shuffle ? "shuffled rows (reduce-scatter or all-gather)"
+                    : s.bits & kernels::device_error_peer_timeout       ? "dispatched rows"
+                                                                        : "combined results",
                     " within the backend's timeout; the expert-parallel group is out of step and must be rebuilt (did "
                     "every rank call forward for this layer, with the same token count?)");
     if (last_tp_tokens_ > 0 && (s.bits & kernels::device_error_peer_bad_input) == 0 && s.bits != 0 &&
@@ -501,7 +502,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   moe_config config_;
   moe_weights<bf16> weights_;
   policies_type policies_;
-  int rank_ = 0, D_ = 1, local_experts_ = 0;
+  int rank_ = 0, D_ = 1, local_experts_ = 0, sms_ = 80;
   std::int64_t max_tokens_ = 0;
   expert_placement placement_{1, {{0}}};
   std::array<int, kernels::ep_max_ranks> widths_{};
