@@ -136,6 +136,9 @@ struct ep_job {
   int rounds = 10;
   int inner = 10;
   std::function<std::function<void(int, cudaStream_t)>(int rank)> setup;  // returns the step
+  /// After the rounds, step(-1, stream) once: the step checks what the device flagged (a peer
+  /// timeout means the figures are void) and throws.
+  bool check = false;
 };
 
 /// Runs `job` on `ranks` threads; returns [part][round] = max over ranks of the part's mean time.
@@ -184,6 +187,7 @@ inline std::vector<std::vector<double>> run_ep_job(int ranks, ep_job const& job)
           t.parts[static_cast<std::size_t>(p)].push_back(sum / job.inner * 1e-3);
         }
       }
+      if (job.check) step(-1, stream);
       sync.arrive_and_wait();  // nobody frees buffers a peer may still write into
       arrived_final = true;
       for (auto& e : ev) cudaEventDestroy(e);

@@ -130,6 +130,7 @@ measured const& measure(backend b, long long n) {
   job.parts = 2;
   job.rounds = 12;
   job.inner = n >= 2048 ? 5 : 20;
+  job.check = true;
   job.setup = [&](int r) -> std::function<void(int, cudaStream_t)> {
     auto st = std::make_shared<rank_state>(make_rank(r, D, n));
     crossing[static_cast<std::size_t>(r)] = st->bytes_crossing;
@@ -138,6 +139,13 @@ measured const& measure(backend b, long long n) {
     auto run = [st, n, D, sms](auto comm) -> std::function<void(int, cudaStream_t)> {
       auto c = std::make_shared<decltype(comm)>(std::move(comm));
       return [st, c, n, D, sms](int part, cudaStream_t stream) {
+        if (part < 0) {  // after the rounds: a flagged timeout voids the figures
+          kernels::device_status h{};
+          SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
+          SPECMOE_CUDA_TRY(cudaMemcpy(&h, st->status->p, sizeof h, cudaMemcpyDeviceToHost));
+          SPECMOE_EXPECTS(h.bits == 0, errc::timeout, "the device flagged ", h.bits, " (rank ", h.first_token, ")");
+          return;
+        }
         long long const region = std::max<long long>(n, 1);
         if (part == 0) {
           SPECMOE_CUDA_TRY(kernels::launch_ep_plan(st->ids->p, st->weights->p, n, top_k, st->view, c->rank(), st->dest_of->p,

@@ -46,6 +46,7 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
   bench::ep_job job;
   job.rounds = static_cast<int>(state.max_iterations);
   job.inner = n >= 1024 ? 3 : 10;
+  job.check = true;
   job.setup = [&](int r) -> std::function<void(int, cudaStream_t)> {
     auto const local = static_cast<int>(contiguous_blocks{}.place(cfg, r).local_experts(r).size());
     auto model = std::make_shared<rank_model>(cfg, local, 100 + static_cast<std::uint64_t>(r) * 17);
@@ -73,7 +74,8 @@ void layer_bench(benchmark::State& state, moe_config (*shape)(int), backend b) {
         cudaFree(ids);
         cudaFree(w);
       }
-      return [layer, model, x, out, n, cfg](int, cudaStream_t stream) {
+      return [layer, model, x, out, n, cfg](int part, cudaStream_t stream) {
+        if (part < 0) return layer->check(stream);
         layer->forward_async(cuda_batch{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(x.get()), n, cfg.hidden_size)},
                              matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), n, cfg.hidden_size), stream);
       };

@@ -137,6 +137,7 @@ void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
   bench::ep_job job;
   job.rounds = static_cast<int>(state.max_iterations);
   job.inner = n >= 1024 ? 3 : 10;
+  job.check = true;
   job.setup = [&](int r) -> std::function<void(int, cudaStream_t)> {
     auto const local_experts = static_cast<int>(placement.local_experts(r).size());
     auto model = std::make_shared<bench::rank_model>(cfg, local_experts, 100 + static_cast<std::uint64_t>(r) * 17);
@@ -175,7 +176,8 @@ void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
       b.routing = routing_view{std::span<std::int32_t const>(d_ids.get(), ids.size()),
                                std::span<float const>(d_w.get(), weights.size()), T, k};
       if (v == variant::oracle) b.predicted_rank = d_guess.get();
-      return [layer, model, partial, out, d_ids, d_w, d_tok, d_guess, b, T, H](int, cudaStream_t stream) {
+      return [layer, model, partial, out, d_ids, d_w, d_tok, d_guess, b, T, H](int part, cudaStream_t stream) {
+        if (part < 0) return layer->check(stream);
         layer->forward_tp_async(b, matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), T, H), stream);
       };
     };

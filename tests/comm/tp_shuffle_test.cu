@@ -286,6 +286,7 @@ TEST_CASE("forward_tp equals the reference on every rank, for every guess; the p
       for (auto& h : home) h = static_cast<int>(rng() % static_cast<unsigned>(D));
       for (int variant = 0; variant < 5; ++variant) {
         auto g = make_run(cfg, T, static_cast<std::uint64_t>(variant + 1));
+        g.max_tokens = std::max<std::int64_t>(128, tp_shard_rows(T, D));
         g.given = variant == 4 ? random_routing(cfg, T, 3) : routing_on_ranks(cfg, home, 3);
         std::vector<int> guess(static_cast<std::size_t>(T), -1);
         std::vector<float> conf;
@@ -335,8 +336,10 @@ TEST_CASE("forward_tp: oracle guesses keep every row home, the plain split does 
   std::int64_t const T = 96;
   auto const cfg = tp_config(D, false);
   synthetic::random_layer<bf16> host(cfg, 77);
-  std::vector<int> home(static_cast<std::size_t>(T));
-  for (std::int64_t t = 0; t < T; ++t) home[static_cast<std::size_t>(t)] = static_cast<int>((t * 5 + t / 7) % D);
+  std::vector<int> home(static_cast<std::size_t>(T));  // T / D tokens per rank, scattered over the batch
+  std::iota(home.begin(), home.end(), 0);
+  std::shuffle(home.begin(), home.end(), std::mt19937_64(3));
+  for (auto& h : home) h %= D;
   auto g = make_run(cfg, T, 9);
   g.given = routing_on_ranks(cfg, home, 4);
   auto const plain = run_tp(g, host.weights());

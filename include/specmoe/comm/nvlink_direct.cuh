@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -70,6 +71,11 @@ class nvlink_direct {
     mine.token_shuffle = options.token_shuffle ? 1 : 0;
     mine.timeout_ms = options.timeout.count();
     // (IPC is only needed for peers in other processes; a failure matters only there)
+    {
+      cudaDeviceProp prop{};
+      SPECMOE_CUDA_TRY(cudaGetDeviceProperties(&prop, s.device));
+      mine.uuid = prop.uuid;
+    }
     mine.ipc_ok = cudaIpcGetMemHandle(&mine.handle, s.own) == cudaSuccess ? 1 : 0;
     if (!mine.ipc_ok) (void)cudaGetLastError();
     std::vector<record> all(static_cast<std::size_t>(s.D));
@@ -86,6 +92,7 @@ class nvlink_direct {
     s.peer.assign(static_cast<std::size_t>(s.D), nullptr);
     for (int r = 0; r < s.D; ++r) {
       auto const& o = all[static_cast<std::size_t>(r)];
+      if (r != s.rank && std::memcmp(&o.uuid, &mine.uuid, sizeof mine.uuid) == 0) s.wait_blocks = 8;  // a peer on this GPU
       if (r == s.rank) {
         s.peer[static_cast<std::size_t>(r)] = s.own;
       } else if (o.pid == mine.pid) {  // same process: the pointer itself, across devices by peer access
@@ -135,7 +142,8 @@ class nvlink_direct {
     sig.epoch_add = 1;
     SPECMOE_CUDA_TRY(kernels::launch_ep_send_rows(a.x, a.n, s.options.hidden, a.top_k, a.ids, a.weights, a.dest_of,
                                                   a.send_slot, a.send_counts, a.placement, tg, sig, s.sms, stream));
-    kernels::ep_wait w{flags(s.layout.dispatch_flags), epoch(), 1, arrivals(1), timeout_ns()};
+    kernels::ep_wait w{flags(s.layout.dispatch_flags), epoch(), 1, arrivals(1), timeout_ns(), kernels::device_error_peer_timeout,
+                       s.wait_blocks};
     auto const r = received();
     SPECMOE_CUDA_TRY(kernels::launch_ep_dispatch_wait(w, s.D, static_cast<int>(cap), a.width[static_cast<std::size_t>(s.rank)],
                                                       r.counts, r.ids, r.weights, a.status, s.sms, stream));
@@ -171,7 +179,8 @@ class nvlink_direct {
   }
   /// The wait the reduce after combine_async must do first (the returns of this forward).
   [[nodiscard]] kernels::ep_wait combine_wait() const noexcept {
-    return {flags(s_->layout.combine_flags), epoch(), 0, nullptr, timeout_ns(), kernels::device_error_peer_timeout_combine};
+    return {flags(s_->layout.combine_flags), epoch(), 0, nullptr, timeout_ns(), kernels::device_error_peer_timeout_combine,
+            s_->wait_blocks};
   }
 
   /// Shuffled reduce-scatter: this rank's partial rows go straight into their shard owner's
@@ -194,7 +203,7 @@ class nvlink_direct {
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_partials(a.partial, a.partial_stride, H, a.order, s.D, a.shard_rows, tg, sig,
                                                            s.sms, stream));
     kernels::ep_wait const w{flags(s.layout.scatter_flags), epoch(), 1, nullptr, timeout_ns(),
-                             kernels::device_error_peer_timeout_shuffle};
+                             kernels::device_error_peer_timeout_shuffle, s.wait_blocks};
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_reduce(
         w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_partials), s.D, a.shard_rows,
         tp_shard_count(a.tokens, s.D, s.rank), H, a.shard, a.status, s.sms, stream));
@@ -220,7 +229,7 @@ class nvlink_direct {
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_outputs(a.shard, tp_shard_count(a.tokens, s.D, s.rank), H, s.D, tg, sig,
                                                           a.status, s.sms, stream));
     kernels::ep_wait const w{flags(s.layout.gather_flags), epoch(), 0, nullptr, timeout_ns(),
-                             kernels::device_error_peer_timeout_shuffle};
+                             kernels::device_error_peer_timeout_shuffle, s.wait_blocks};
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_outputs),
                                                        a.order, s.D, a.shard_rows, H, a.out, a.out_stride, nullptr, a.status,
                                                        s.sms, stream));
@@ -237,12 +246,14 @@ class nvlink_direct {
     int hidden;
     int ipc_ok;
     int token_shuffle;
+    cudaUUID_t uuid;  // which GPU, across processes
     cudaIpcMemHandle_t handle;
   };
 
   struct state {
     std::shared_ptr<bootstrap> boot;
     int rank = 0, D = 1, device = 0, sms = 80;
+    int wait_blocks = 0;  // cap on waiting kernels' blocks: small when a peer shares this GPU
     nvlink_direct_options options{};
     detail::ep_buffer_layout layout{ep_buffer_options{1, 8, 1}, 1};
     std::byte* own = nullptr;    // the buffer peers write into

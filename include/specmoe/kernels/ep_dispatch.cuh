@@ -64,6 +64,9 @@ struct ep_wait {
   unsigned int* arrivals = nullptr;           ///< local: set to advance the epoch when all blocks are done
   long long timeout_ns = 0;
   int timeout_bit = device_error_peer_timeout;  ///< what a timeout reports
+  /// Most blocks a kernel that waits may have (0: two per SM). Ranks sharing a GPU keep it small:
+  /// their spinning blocks would otherwise hold the SMs the awaited peer's kernels need.
+  int max_blocks = 0;
 };
 
 namespace detail {
@@ -334,11 +337,11 @@ inline cudaError_t launch_ep_plan(std::int32_t const* ids, float const* weights,
   return cudaGetLastError();
 }
 
-/// Blocks of 256 threads for a kernel that first waits for peers: at most two per SM, so ranks
-/// sharing a GPU keep room for the peer kernels they wait for.
-inline unsigned ep_wait_blocks(long long threads, int sms) {
+/// Blocks of 256 threads for a kernel that first waits for peers: at most two per SM (or the
+/// wait's own cap), so peer kernels on the same GPU keep room to run.
+inline unsigned ep_wait_blocks(long long threads, int sms, ep_wait const& w) {
   long long const blocks = (threads + 255) / 256;
-  long long const cap = 2LL * sms;
+  long long const cap = w.flags && w.max_blocks > 0 ? w.max_blocks : 2LL * sms;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < cap ? blocks : cap));
 }
 
@@ -361,7 +364,7 @@ inline cudaError_t launch_ep_send_rows(__nv_bfloat16 const* x, long long n, int 
 inline cudaError_t launch_ep_dispatch_wait(ep_wait const& w, int D, int capacity, int width, std::int32_t* recv_counts,
                                            std::int32_t* recv_ids, float* recv_weights, device_status* status, int sms,
                                            cudaStream_t stream) {
-  ep_dispatch_wait_kernel<<<ep_wait_blocks(static_cast<long long>(D) * capacity * width, sms), 256, 0, stream>>>(w, D, capacity, width, recv_counts, recv_ids, recv_weights, status);
+  ep_dispatch_wait_kernel<<<ep_wait_blocks(static_cast<long long>(D) * capacity * width, sms, w), 256, 0, stream>>>(w, D, capacity, width, recv_counts, recv_ids, recv_weights, status);
   return cudaGetLastError();
 }
 
@@ -378,7 +381,7 @@ inline cudaError_t launch_ep_combine_reduce(ep_wait const& w, __nv_bfloat16 cons
                                             __nv_bfloat16 const* shared, __nv_bfloat16* out, long long out_stride,
                                             device_status* status, int sms, cudaStream_t stream) {
   if (n == 0 && w.flags == nullptr) return cudaSuccess;
-  ep_combine_reduce_kernel<<<ep_wait_blocks(n * (hidden / 8), sms), 256, 0, stream>>>(w, returned, send_slot, n, D, capacity,
+  ep_combine_reduce_kernel<<<ep_wait_blocks(n * (hidden / 8), sms, w), 256, 0, stream>>>(w, returned, send_slot, n, D, capacity,
                                                                                      hidden, shared, out, out_stride, status);
   return cudaGetLastError();
 }

@@ -295,7 +295,7 @@ inline cudaError_t launch_shuffle_push_partials(__nv_bfloat16 const* partial, lo
 
 inline cudaError_t launch_shuffle_reduce(ep_wait const& w, __nv_bfloat16 const* regions, int D, long long S, long long count,
                                          int hidden, __nv_bfloat16* shard, device_status* status, int sms, cudaStream_t stream) {
-  shuffle_reduce_kernel<<<ep_wait_blocks(count * (hidden / 8), sms), 256, 0, stream>>>(w, regions, D, S, count, hidden, shard,
+  shuffle_reduce_kernel<<<ep_wait_blocks(count * (hidden / 8), sms, w), 256, 0, stream>>>(w, regions, D, S, count, hidden, shard,
                                                                                        status);
   return cudaGetLastError();
 }
@@ -311,7 +311,7 @@ inline cudaError_t launch_shuffle_unpermute(ep_wait const& w, __nv_bfloat16 cons
                                             long long S, int hidden, __nv_bfloat16* out, long long out_stride,
                                             std::int32_t const* bad_from, device_status* status, int sms,
                                             cudaStream_t stream) {
-  shuffle_unpermute_kernel<<<ep_wait_blocks(D * S * (hidden / 8), sms), 256, 0, stream>>>(w, gathered, order, D, S, hidden, out,
+  shuffle_unpermute_kernel<<<ep_wait_blocks(D * S * (hidden / 8), sms, w), 256, 0, stream>>>(w, gathered, order, D, S, hidden, out,
                                                                                           out_stride, bad_from, status);
   return cudaGetLastError();
 }
