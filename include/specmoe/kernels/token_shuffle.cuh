@@ -94,7 +94,7 @@ static __global__ void __launch_bounds__(1024)
   __shared__ int running[bins];
   __shared__ int threshold[ep_max_ranks], take[ep_max_ranks];
   __shared__ long long room_before[ep_max_ranks + 1];
-  for (int i = static_cast<int>(threadIdx.x); i < ep_max_ranks * token_shuffle_levels; i += static_cast<int>(blockDim.x))
+  for (int i = static_cast<int>(threadIdx.x); i < D * token_shuffle_levels; i += static_cast<int>(blockDim.x))
     (&hist[0][0])[i] = 0;
   if (threadIdx.x < static_cast<unsigned>(bins)) running[threadIdx.x] = 0;
   __syncthreads();
@@ -105,24 +105,41 @@ static __global__ void __launch_bounds__(1024)
     }
   }
   __syncthreads();
-  if (threadIdx.x < static_cast<unsigned>(D)) {  // the level where each shard fills
-    int const d = static_cast<int>(threadIdx.x);
-    long long const cap = detail::shard_count(T, D, d, S);
-    long long above = 0;
-    int th = -1, tk = 0;
-    for (int q = token_shuffle_levels - 1; q >= 0; --q) {
-      int const h = hist[d][q];
-      if (above + h >= cap) {
-        th = q;
-        tk = static_cast<int>(cap - above);
-        above = cap;
-        break;
+  {  // the level where each shard fills: a warp per rank, 8 levels a lane, from the top level down
+    int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+    constexpr int per_lane = token_shuffle_levels / 32;
+    for (int d = warp; d < D; d += static_cast<int>(blockDim.x) / 32) {
+      long long const cap = detail::shard_count(T, D, d, S);
+      int const top = token_shuffle_levels - 1 - lane * per_lane;  // this lane's levels: top .. top - 7
+      int mine = 0;
+      for (int i = 0; i < per_lane; ++i) mine += hist[d][top - i];
+      int incl = mine;  // askers at this lane's levels and above
+      for (int off = 1; off < 32; off <<= 1) {
+        int const o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
       }
-      above += h;
+      int const total = __shfl_sync(0xffffffffu, incl, 31);
+      unsigned const full = __ballot_sync(0xffffffffu, incl >= cap);
+      if (full == 0) {  // fewer askers than room: all of them fit
+        if (lane == 0) {
+          threshold[d] = -1;
+          take[d] = 0;
+          room_before[d + 1] = cap - total;  // free slots, summed below
+        }
+      } else if (lane == __ffs(full) - 1) {  // the lane whose levels fill the shard
+        long long above = incl - mine;
+        for (int i = 0; i < per_lane; ++i) {
+          int const h = hist[d][top - i];
+          if (above + h >= cap) {
+            threshold[d] = top - i;
+            take[d] = static_cast<int>(cap - above);
+            break;
+          }
+          above += h;
+        }
+        room_before[d + 1] = 0;
+      }
     }
-    threshold[d] = th;
-    take[d] = tk;
-    room_before[d + 1] = cap - above;  // free slots, summed below
   }
   __syncthreads();
   if (threadIdx.x == 0) {
