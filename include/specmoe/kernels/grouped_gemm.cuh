@@ -561,7 +561,7 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
     grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
-    static cudaError_t const attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(mma_smem_bytes));
+    cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));
     if (attr != cudaSuccess) return attr;
     if (static_cast<std::size_t>(G + 1) * sizeof(int) > mma_smem_bytes) return cudaErrorInvalidValue;
     int const out_per_tile = swiglu ? mma_bn / 2 : mma_bn;

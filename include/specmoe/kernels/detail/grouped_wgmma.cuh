@@ -23,6 +23,8 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include <specmoe/kernels/detail/kernel_attributes.cuh>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -382,8 +384,7 @@ kernel_info const& info() {
     if (r.err != cudaSuccess) return r;
     r.real = a.numRegs >= min_real_regs;
     r.max_dynamic = static_cast<std::size_t>(optin) > a.sharedSizeBytes ? static_cast<std::size_t>(optin) - a.sharedSizeBytes : 0;
-    if (r.real) r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(r.max_dynamic));
-    return r;
+    return r;  // (the shared-memory attribute is per device: set at launch)
   }();
   return k;
 }
@@ -413,6 +414,10 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   if (tiles > 0x7fffffffLL) return cudaErrorInvalidValue;
   int const sms = hopper_sms();
   auto const grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
+  if (cudaError_t const e = kernels::detail::allow_dynamic_smem(reinterpret_cast<void const*>(grouped_wgmma_kernel<SWIGLU, OutT>),
+                                               static_cast<int>(info<SWIGLU, OutT>().max_dynamic));
+      e != cudaSuccess)
+    return e;
   grouped_wgmma_kernel<SWIGLU, OutT><<<grid, threads, smem_bytes(G), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out);
   return cudaGetLastError();
 }
