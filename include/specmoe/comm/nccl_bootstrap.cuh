@@ -34,22 +34,35 @@ class nccl_bootstrap final : public bootstrap {
     SPECMOE_EXPECTS(comm != nullptr, errc::invalid_argument, "nccl_bootstrap needs a communicator");
     SPECMOE_NCCL_TRY(ncclCommUserRank(comm_, &rank_));
     SPECMOE_NCCL_TRY(ncclCommCount(comm_, &size_));
+    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  nccl_bootstrap(nccl_bootstrap const&) = delete;
+  nccl_bootstrap& operator=(nccl_bootstrap const&) = delete;
+  ~nccl_bootstrap() override {
+    if (stream_) cudaStreamDestroy(stream_);
   }
   [[nodiscard]] int rank() const override { return rank_; }
   [[nodiscard]] int size() const override { return size_; }
   [[nodiscard]] ncclComm_t comm() const noexcept { return comm_; }
 
+  /// Stream-ordered throughout (its own stream, cudaMallocAsync/cudaFreeAsync): a process that
+  /// drives several GPUs may have a peer's collective in flight, which a device-wide
+  /// synchronisation (cudaFree, the legacy stream) would wait for while that peer waits for us.
   void allgather(void const* mine, std::size_t bytes, void* all) override {
     if (bytes == 0) return;
     void* buf = nullptr;
-    SPECMOE_CUDA_TRY(cudaMalloc(&buf, bytes * static_cast<std::size_t>(size_ + 1)));
+    auto const total = bytes * static_cast<std::size_t>(size_ + 1);
+    SPECMOE_CUDA_TRY(cudaMallocAsync(&buf, total, stream_));
     auto* dev = static_cast<std::byte*>(buf);
-    cudaError_t err = cudaMemcpy(dev + bytes * static_cast<std::size_t>(size_), mine, bytes, cudaMemcpyHostToDevice);
+    auto* own = dev + bytes * static_cast<std::size_t>(size_);
+    cudaError_t err = cudaMemcpyAsync(own, mine, bytes, cudaMemcpyHostToDevice, stream_);
     ncclResult_t nr = ncclSuccess;
-    if (err == cudaSuccess) nr = ncclAllGather(dev + bytes * static_cast<std::size_t>(size_), dev, bytes, ncclUint8, comm_, nullptr);
-    if (err == cudaSuccess && nr == ncclSuccess) err = cudaStreamSynchronize(nullptr);
-    if (err == cudaSuccess && nr == ncclSuccess) err = cudaMemcpy(all, dev, bytes * static_cast<std::size_t>(size_), cudaMemcpyDeviceToHost);
-    cudaFree(buf);
+    if (err == cudaSuccess) nr = ncclAllGather(own, dev, bytes, ncclUint8, comm_, stream_);
+    if (err == cudaSuccess && nr == ncclSuccess)
+      err = cudaMemcpyAsync(all, dev, bytes * static_cast<std::size_t>(size_), cudaMemcpyDeviceToHost, stream_);
+    cudaFreeAsync(buf, stream_);
+    cudaError_t const synced = cudaStreamSynchronize(stream_);
+    if (err == cudaSuccess) err = synced;
     SPECMOE_EXPECTS(nr == ncclSuccess, errc::comm, "ncclAllGather at setup failed on rank ", rank_, ": ",
                     ncclGetErrorString(nr), " (", ncclGetLastError(comm_), ")");
     SPECMOE_CUDA_TRY(err);
@@ -58,6 +71,7 @@ class nccl_bootstrap final : public bootstrap {
  private:
   ncclComm_t comm_;
   int rank_ = 0, size_ = 1;
+  cudaStream_t stream_ = nullptr;
 };
 
 /// @brief The NCCL unique id through a file: rank 0 creates it and writes `path` (atomically, by
