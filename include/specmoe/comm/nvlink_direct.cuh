@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace specmoe {
@@ -190,16 +191,7 @@ class nvlink_direct {
     auto& s = *s_;
     auto const H = s.options.hidden;
     detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
-    kernels::ep_row_targets tg{};
-    kernels::ep_signal sig{};
-    for (int d = 0; d < s.D; ++d) {
-      auto* base = s.peer[static_cast<std::size_t>(d)];
-      tg.x[d] = reinterpret_cast<__nv_bfloat16*>(base + s.layout.shuffle_partials) + s.rank * a.shard_rows * H;
-      sig.flag[d] = reinterpret_cast<unsigned long long*>(base + s.layout.scatter_flags) + s.rank;
-    }
-    sig.arrivals = arrivals(3);
-    sig.epoch = epoch();
-    sig.epoch_add = 1;
+    auto const [tg, sig] = shuffle_push(s.layout.shuffle_partials, s.layout.scatter_flags, a.shard_rows, 3, 1);
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_partials(a.partial, a.partial_stride, H, a.order, s.D, a.shard_rows, tg, sig,
                                                            s.sms, stream));
     kernels::ep_wait const w{flags(s.layout.scatter_flags), epoch(), 1, nullptr, timeout_ns(),
@@ -216,16 +208,7 @@ class nvlink_direct {
     auto& s = *s_;
     auto const H = s.options.hidden;
     detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
-    kernels::ep_row_targets tg{};
-    kernels::ep_signal sig{};
-    for (int d = 0; d < s.D; ++d) {
-      auto* base = s.peer[static_cast<std::size_t>(d)];
-      tg.x[d] = reinterpret_cast<__nv_bfloat16*>(base + s.layout.shuffle_outputs) + s.rank * a.shard_rows * H;
-      sig.flag[d] = reinterpret_cast<unsigned long long*>(base + s.layout.gather_flags) + s.rank;
-    }
-    sig.arrivals = arrivals(4);
-    sig.epoch = epoch();
-    sig.epoch_add = 0;
+    auto const [tg, sig] = shuffle_push(s.layout.shuffle_outputs, s.layout.gather_flags, a.shard_rows, 4, 0);
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_outputs(a.shard, tp_shard_count(a.tokens, s.D, s.rank), H, s.D, tg, sig,
                                                           a.status, s.sms, stream));
     kernels::ep_wait const w{flags(s.layout.gather_flags), epoch(), 0, nullptr, timeout_ns(),
@@ -278,6 +261,26 @@ class nvlink_direct {
       return;
     }
     SPECMOE_CUDA_TRY(e);
+  }
+
+  /// Where this rank's rows of a shuffle go (its region, `rows` rows a region, in every rank's
+  /// buffer at `offset`) and how it signals (flag word at `flags_offset`, arrival counter
+  /// `arrival`, epoch + `epoch_add`).
+  std::pair<kernels::ep_row_targets, kernels::ep_signal> shuffle_push(std::size_t offset, std::size_t flags_offset,
+                                                                      long long rows, int arrival,
+                                                                      unsigned epoch_add) const noexcept {
+    auto const& s = *s_;
+    kernels::ep_row_targets tg{};
+    kernels::ep_signal sig{};
+    for (int d = 0; d < s.D; ++d) {
+      auto* base = s.peer[static_cast<std::size_t>(d)];
+      tg.x[d] = reinterpret_cast<__nv_bfloat16*>(base + offset) + s.rank * rows * s.options.hidden;
+      sig.flag[d] = reinterpret_cast<unsigned long long*>(base + flags_offset) + s.rank;
+    }
+    sig.arrivals = arrivals(arrival);
+    sig.epoch = epoch();
+    sig.epoch_add = epoch_add;
+    return {tg, sig};
   }
 
   unsigned int* epoch() const noexcept { return reinterpret_cast<unsigned int*>(s_->local); }
