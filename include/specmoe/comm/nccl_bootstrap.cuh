@@ -9,7 +9,10 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstddef>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -26,52 +29,74 @@
 
 namespace specmoe {
 
-/// @brief A bootstrap over an existing communicator (not owned): ncclAllGather through a small
-/// device buffer, synchronised before returning. Setup only.
+/// @brief A bootstrap over an existing communicator (not owned): ncclAllGather through small
+/// buffers reserved at construction, synchronised before returning. Setup only.
+///
+/// A process that drives several GPUs (a thread per rank) deadlocks if a rank waits for its
+/// collective inside a call that holds the driver's allocation lock (a copy to pageable host
+/// memory, cudaFree, a pool allocation) while a peer thread still allocates before joining. So an
+/// exchange allocates nothing and copies only through pinned staging, then waits on its stream.
 class nccl_bootstrap final : public bootstrap {
  public:
+  /// Bytes each rank contributes per round; larger exchanges go in several rounds.
+  static constexpr std::size_t chunk_bytes = 4096;
+
   explicit nccl_bootstrap(ncclComm_t comm) : comm_(comm) {
     SPECMOE_EXPECTS(comm != nullptr, errc::invalid_argument, "nccl_bootstrap needs a communicator");
     SPECMOE_NCCL_TRY(ncclCommUserRank(comm_, &rank_));
     SPECMOE_NCCL_TRY(ncclCommCount(comm_, &size_));
-    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    auto const slots = static_cast<std::size_t>(size_ + 1) * chunk_bytes;  // every rank's chunk, then ours
+    try {
+      SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      SPECMOE_CUDA_TRY(cudaMalloc(&device_, slots));
+      SPECMOE_CUDA_TRY(cudaMallocHost(&pinned_, slots));
+    } catch (...) {
+      release();
+      throw;
+    }
   }
   nccl_bootstrap(nccl_bootstrap const&) = delete;
   nccl_bootstrap& operator=(nccl_bootstrap const&) = delete;
-  ~nccl_bootstrap() override {
-    if (stream_) cudaStreamDestroy(stream_);
-  }
+  ~nccl_bootstrap() override { release(); }
   [[nodiscard]] int rank() const override { return rank_; }
   [[nodiscard]] int size() const override { return size_; }
   [[nodiscard]] ncclComm_t comm() const noexcept { return comm_; }
 
-  /// Stream-ordered throughout (its own stream, cudaMallocAsync/cudaFreeAsync): a process that
-  /// drives several GPUs may have a peer's collective in flight, which a device-wide
-  /// synchronisation (cudaFree, the legacy stream) would wait for while that peer waits for us.
   void allgather(void const* mine, std::size_t bytes, void* all) override {
-    if (bytes == 0) return;
-    void* buf = nullptr;
-    auto const total = bytes * static_cast<std::size_t>(size_ + 1);
-    SPECMOE_CUDA_TRY(cudaMallocAsync(&buf, total, stream_));
-    auto* dev = static_cast<std::byte*>(buf);
-    auto* own = dev + bytes * static_cast<std::size_t>(size_);
-    cudaError_t err = cudaMemcpyAsync(own, mine, bytes, cudaMemcpyHostToDevice, stream_);
-    ncclResult_t nr = ncclSuccess;
-    if (err == cudaSuccess) nr = ncclAllGather(own, dev, bytes, ncclUint8, comm_, stream_);
-    if (err == cudaSuccess && nr == ncclSuccess)
-      err = cudaMemcpyAsync(all, dev, bytes * static_cast<std::size_t>(size_), cudaMemcpyDeviceToHost, stream_);
-    cudaFreeAsync(buf, stream_);
-    cudaError_t const synced = cudaStreamSynchronize(stream_);
-    if (err == cudaSuccess) err = synced;
-    SPECMOE_EXPECTS(nr == ncclSuccess, errc::comm, "ncclAllGather at setup failed on rank ", rank_, ": ",
-                    ncclGetErrorString(nr), " (", ncclGetLastError(comm_), ")");
-    SPECMOE_CUDA_TRY(err);
+    auto const D = static_cast<std::size_t>(size_);
+    auto* own_pinned = pinned_ + D * chunk_bytes;
+    auto* own_device = device_ + D * chunk_bytes;
+    for (std::size_t at = 0; at < bytes; at += chunk_bytes) {
+      auto const n = std::min(chunk_bytes, bytes - at);
+      std::memcpy(own_pinned, static_cast<std::byte const*>(mine) + at, n);
+      cudaError_t err = cudaMemcpyAsync(own_device, own_pinned, n, cudaMemcpyHostToDevice, stream_);
+      ncclResult_t nr = ncclSuccess;
+      if (err == cudaSuccess) nr = ncclAllGather(own_device, device_, n, ncclUint8, comm_, stream_);
+      if (err == cudaSuccess && nr == ncclSuccess)
+        err = cudaMemcpyAsync(pinned_, device_, n * D, cudaMemcpyDeviceToHost, stream_);
+      cudaError_t const synced = cudaStreamSynchronize(stream_);
+      if (err == cudaSuccess) err = synced;
+      SPECMOE_EXPECTS(nr == ncclSuccess, errc::comm, "ncclAllGather at setup failed on rank ", rank_, ": ",
+                      ncclGetErrorString(nr), " (", ncclGetLastError(comm_), ")");
+      SPECMOE_CUDA_TRY(err);
+      for (std::size_t r = 0; r < D; ++r) std::memcpy(static_cast<std::byte*>(all) + r * bytes + at, pinned_ + r * n, n);
+    }
   }
 
  private:
+  void release() noexcept {
+    if (pinned_) cudaFreeHost(pinned_);
+    if (device_) cudaFree(device_);
+    if (stream_) cudaStreamDestroy(stream_);
+    pinned_ = device_ = nullptr;
+    stream_ = nullptr;
+  }
+
   ncclComm_t comm_;
   int rank_ = 0, size_ = 1;
   cudaStream_t stream_ = nullptr;
+  std::byte* device_ = nullptr;  // [size + 1][chunk_bytes]
+  std::byte* pinned_ = nullptr;  // [size + 1][chunk_bytes]
 };
 
 /// @brief The NCCL unique id through a file: rank 0 creates it and writes `path` (atomically, by

@@ -110,6 +110,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     local_experts_ = static_cast<int>(placement_.local_experts(rank_).size());
     validate_local_weights();
     allocate();
+    load_router_kernels();
     // Construction ends together: no rank starts a forward (whose kernels wait on peers) while a
     // peer still allocates; ranks that share a GPU would otherwise stall its allocations.
     int token = rank_, tokens[kernels::ep_max_ranks];
@@ -215,7 +216,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
     std::vector<int> ranks(static_cast<std::size_t>(last_tp_tokens_));
     if (!ranks.empty())
-      SPECMOE_CUDA_TRY(cudaMemcpy(ranks.data(), rank_of_, ranks.size() * 4, cudaMemcpyDeviceToHost));
+      SPECMOE_CUDA_TRY(cudaMemcpyAsync(ranks.data(), rank_of_, ranks.size() * 4, cudaMemcpyDeviceToHost, stream));
     return ranks;
   }
 
@@ -289,8 +290,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   /// input of this rank (expert_out_of_range, non_finite), or a peer that never signalled (timeout).
   void check(cudaStream_t stream) {
     SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    kernels::device_status s{};
-    SPECMOE_CUDA_TRY(cudaMemcpy(&s, status_, sizeof s, cudaMemcpyDeviceToHost));
+    kernels::device_status s{};  // read on `stream`: the legacy stream could wait for a peer's collective
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(&s, status_, sizeof s, cudaMemcpyDeviceToHost, stream));
     constexpr int timeouts = kernels::device_error_peer_timeout | kernels::device_error_peer_timeout_combine |
                              kernels::device_error_peer_timeout_shuffle;
     SPECMOE_EXPECTS(!(s.bits & timeouts), errc::timeout, "rank ", rank_, ": rank ", s.first_token, " did not signal its ",
@@ -303,7 +304,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
         s.first_token >= 0 && s.first_token < max_tokens_) {  // name the batch's token, not the shard row
       std::int32_t token = -1;
       auto const slot = rank_ * tp_shard_rows(last_tp_tokens_, D_) + s.first_token;
-      SPECMOE_CUDA_TRY(cudaMemcpy(&token, order_ + slot, sizeof token, cudaMemcpyDeviceToHost));
+      SPECMOE_CUDA_TRY(cudaMemcpyAsync(&token, order_ + slot, sizeof token, cudaMemcpyDeviceToHost, stream));
       s.first_token = token;
     }
     detail::raise_flagged_input(s, config_.num_experts, detail::concat("rank ", rank_, ": "));
@@ -324,7 +325,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   [[nodiscard]] std::vector<std::int32_t> sent_rows(cudaStream_t stream) const {
     SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
     std::vector<std::int32_t> counts(static_cast<std::size_t>(D_));
-    SPECMOE_CUDA_TRY(cudaMemcpy(counts.data(), send_counts_, counts.size() * 4, cudaMemcpyDeviceToHost));
+    SPECMOE_CUDA_TRY(cudaMemcpyAsync(counts.data(), send_counts_, counts.size() * 4, cudaMemcpyDeviceToHost, stream));
     return counts;
   }
 
@@ -399,6 +400,27 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     detail::enqueue_router_logits(cublas_, weights_.router.weight, x, n, logits_, stream);
     SPECMOE_CUDA_TRY(kernels::launch_topk_gate(logits_, n, kernels::gate_params::from(config_, bias_), out_ids, out_weights,
                                                status_, stream));
+  }
+
+  /// cuBLAS loads the kernels of a GEMM shape at its first call, and a load waits for kernels
+  /// running anywhere in the process. One process driving several GPUs would deadlock when a rank's
+  /// first gate at some token count loads a kernel while a peer's dispatch spins waiting for that
+  /// rank. So the router GEMM runs here once per token-count bucket up to max_tokens (a ladder of
+  /// 1..16, then steps of about 1/8: ~60 small GEMMs), before construction's closing barrier.
+  void load_router_kernels() {
+    auto const H = static_cast<std::size_t>(config_.hidden_size), N = static_cast<std::size_t>(max_tokens_);
+    auto* x = reinterpret_cast<__nv_bfloat16*>(results_);  // D*N*H rows of scratch, nothing live yet
+    cudaStream_t stream = nullptr;
+    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    struct stream_guard {
+      cudaStream_t s;
+      ~stream_guard() { cudaStreamDestroy(s); }
+    } const guard{stream};
+    SPECMOE_CUDA_TRY(cudaMemsetAsync(x, 0, N * H * 2, stream));
+    for (std::int64_t n = 1; n <= max_tokens_; n = n < 16 ? n + 1 : n + std::max<std::int64_t>(1, n / 8))
+      detail::enqueue_router_logits(cublas_, weights_.router.weight, x, n, logits_, stream);
+    detail::enqueue_router_logits(cublas_, weights_.router.weight, x, max_tokens_, logits_, stream);
+    SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
   }
 
   template <class T>
