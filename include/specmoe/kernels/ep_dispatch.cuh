@@ -120,6 +120,26 @@ __device__ inline void ep_block_wait(ep_wait const& w, int D, std::int32_t const
   __syncthreads();
 }
 
+/// A warp copies a row of `vecs` 16-byte words, each lane loading up to 8 words before it stores
+/// any: 4 KiB in flight per warp towards a (usually remote) destination, not 512 bytes, which is
+/// what keeps NVLink busy on large dispatches. `src` is not written while the kernel runs.
+__device__ __forceinline__ void warp_copy_row(uint4* dst, uint4 const* __restrict__ src, int vecs, int lane) {
+  constexpr int unroll = 8;
+  for (int base = 0; base < vecs; base += 32 * unroll) {
+    uint4 words[unroll];
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) {
+      int const v = base + u * 32 + lane;
+      if (v < vecs) words[u] = __ldg(src + v);
+    }
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) {
+      int const v = base + u * 32 + lane;
+      if (v < vecs) dst[v] = words[u];
+    }
+  }
+}
+
 /// The last block of the grid to get here runs `last()` (after every block's writes are visible).
 template <class F>
 __device__ inline void ep_last_block(unsigned int* arrivals, F&& last) {
@@ -224,7 +244,7 @@ static __global__ void __launch_bounds__(256)
       int const slot = send_slot[t * D + d];
       if (slot < 0) continue;
       auto* dst = reinterpret_cast<uint4*>(tg.x[d] + static_cast<long long>(slot) * hidden);
-      for (int v = lane; v < vecs; v += 32) dst[v] = src[v];
+      detail::warp_copy_row(dst, src, vecs, lane);
       int const width = tg.width[d];
       bool const here = lane < k && dest_of[t * k + lane] == d;
       unsigned const b = __ballot_sync(0xffffffffu, here);
@@ -284,7 +304,7 @@ static __global__ void __launch_bounds__(256)
     if (i >= recv_counts[s]) continue;
     auto const* src = reinterpret_cast<uint4 const*>(results + r * hidden);
     auto* dst = reinterpret_cast<uint4*>(tg.x[s] + i * hidden);
-    for (int v = lane; v < vecs; v += 32) dst[v] = src[v];
+    detail::warp_copy_row(dst, src, vecs, lane);
   }
   detail::ep_last_block(sig.arrivals, [&] {
     unsigned long long const epoch = *sig.epoch + sig.epoch_add;

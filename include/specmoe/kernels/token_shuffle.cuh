@@ -199,7 +199,7 @@ static __global__ void __launch_bounds__(256)
     if (t < 0) continue;
     auto const* src = reinterpret_cast<uint4 const*>(partial + t * x_stride);
     auto* dst = reinterpret_cast<uint4*>(tg.x[j / S] + (j % S) * hidden);
-    for (int v = lane; v < vecs; v += 32) dst[v] = src[v];
+    detail::warp_copy_row(dst, src, vecs, lane);
   }
   if (sig.flag[0] == nullptr) return;
   detail::ep_last_block(sig.arrivals, [&] {
@@ -244,7 +244,7 @@ static __global__ void __launch_bounds__(256)
     auto const* src = reinterpret_cast<uint4 const*>(shard + i * hidden);
     for (int d = 0; d < D; ++d) {
       auto* dst = reinterpret_cast<uint4*>(tg.x[d] + i * hidden);
-      for (int v = lane; v < vecs; v += 32) dst[v] = src[v];
+      detail::warp_copy_row(dst, src, vecs, lane);
     }
   }
   detail::ep_last_block(sig.arrivals, [&] {
