@@ -3,9 +3,10 @@
 // a summary (remote activation share against the contiguous baseline, per solver, and the time).
 //
 //   specmoe-plan --trace DIR --ranks D --out PLAN.json [--solver alternating|cem|contiguous|load_balanced]
-//                [--replicas-per-rank R] [--theta T] [--seed S]
+//                [--replicas-per-rank R] [--theta T] [--expert-slack S] [--seed S]
 // load_balanced is the EPLB-style baseline (experts spread by load only); --replicas-per-rank adds
-// copies of the hottest experts (any solver).
+// copies of the experts that relieve the busiest ranks most (any solver). --expert-slack caps each
+// rank's activation load at (1 + S) x the mean (default 0.05, or 0.15 with replicas).
 #include <specmoe/detail/cli.hpp>
 #include <specmoe/grouping/speculative_plan.hpp>
 #include <specmoe/trace/routing_trace.hpp>
@@ -18,7 +19,7 @@ int main(int argc, char** argv) {
   using namespace specmoe;
   detail::cli::args a(argc, argv, "specmoe-plan",
                       "specmoe-plan --trace DIR --ranks D --out PLAN.json [--solver alternating|cem|contiguous|load_balanced] "
-                      "[--replicas-per-rank R] [--theta T] [--seed S]");
+                      "[--replicas-per-rank R] [--theta T] [--expert-slack S] [--seed S]");
   try {
     auto const dir = a.required("--trace");
     auto const out = a.required("--out");
@@ -26,6 +27,7 @@ int main(int argc, char** argv) {
     o.ranks = static_cast<int>(a.integer("--ranks", 0, 1, 4096));
     if (!a.has("--ranks")) a.fail("--ranks is required");
     o.theta = a.real("--theta", o.theta, 0, 1);
+    if (a.has("--expert-slack")) o.expert_slack = a.real("--expert-slack", 0, 0, 10);
     o.seed = static_cast<std::uint64_t>(a.integer("--seed", 1, 0, 1ll << 62));
     auto const name = a.choice("--solver", "alternating", {"alternating", "cem", "contiguous", "load_balanced"});
     o.replicas_per_rank = static_cast<int>(a.integer("--replicas-per-rank", 0, 0, 1024));
