@@ -6,6 +6,7 @@
 #include <specmoe/kernels/gate.cuh>
 #include <specmoe/kernels/layout.cuh>
 #include <specmoe/kernels/permute.cuh>
+#include <specmoe/kernels/router_logits.cuh>
 #include <specmoe/router/gate.hpp>
 
 #include <cuda_bf16.h>
@@ -349,4 +350,47 @@ TEST_CASE("permute and combine kernels equal host loops (self-identifying rows)"
                                             status.data(), nullptr));
   SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
   for (auto v : out2.to_host()) REQUIRE(reinterpret_cast<std::uint16_t const&>(v) == 0xffff);
+}
+
+TEST_CASE("router logits kernel: a warp per expert equals the fp32 dot products, 1 to 8 tokens, outputs poisoned",
+          "[kernels][router]") {
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int E : {8, 128, 256}) {
+    for (int H : {64, 2048, 7168}) {
+      std::int64_t const stride = H + 8;  // a row stride wider than the row
+      std::vector<__nv_bfloat16> router(static_cast<std::size_t>(E * stride));
+      for (auto& w : router) w = __float2bfloat16(u(rng));
+      for (std::int64_t n = 1; n <= kernels::router_logits_max_tokens; ++n) {
+        INFO("E " << E << " H " << H << " n " << n);
+        std::vector<__nv_bfloat16> x(static_cast<std::size_t>(n * H));
+        for (auto& v : x) v = __float2bfloat16(u(rng));
+        device_vector<__nv_bfloat16> d_router(router), d_x(x);
+        device_vector<float> d_logits(static_cast<std::size_t>(n * E), 0xff);  // NaN until written
+        REQUIRE(kernels::router_logits_supported(d_router.data(), stride, E, H, d_x.data(), n));
+        SPECMOE_TEST_CUDA(kernels::launch_router_logits(d_router.data(), stride, E, H, d_x.data(), n, d_logits.data(), nullptr));
+        SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+        auto const got = d_logits.to_host();
+        for (std::int64_t t = 0; t < n; ++t) {
+          for (int e = 0; e < E; ++e) {
+            double want = 0, scale = 0;
+            for (int h = 0; h < H; ++h) {
+              double const p = static_cast<double>(__bfloat162float(router[static_cast<std::size_t>(e * stride + h)])) *
+                               static_cast<double>(__bfloat162float(x[static_cast<std::size_t>(t * H + h)]));
+              want += p;
+              scale += std::abs(p);
+            }
+            float const g = got[static_cast<std::size_t>(t * E + e)];
+            REQUIRE(std::isfinite(g));
+            REQUIRE(std::abs(g - want) <= 1e-5 * scale + 1e-6);
+          }
+        }
+      }
+    }
+  }
+  // Outside its range it launches nothing and says so (the layer then runs a GEMM).
+  device_vector<__nv_bfloat16> d_router(std::vector<__nv_bfloat16>(64 * 64)), d_x(std::vector<__nv_bfloat16>(9 * 64));
+  REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 64, d_x.data(), 9));
+  REQUIRE(kernels::launch_router_logits(d_router.data(), 64, 64, 64, d_x.data(), 9, nullptr, nullptr) == cudaErrorInvalidValue);
+  REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 60, d_x.data(), 1));  // H not a multiple of 8
 }

@@ -39,8 +39,10 @@ __device__ __forceinline__ void store8(float* p, float const (&f)[8]) {
 
 /// out[t] = Out( sum_j w[t,j] * y[position[t,j]] + sum_s shared[s][t] ), j in gate order, fp32
 /// (explicitly rounded multiply and add, as the host reference). Thread = 8 columns of a token.
-/// Y (expert outputs, shared outputs) and Out are bf16 or fp32.
-template <class Y, class Out>
+/// Y (expert outputs, shared outputs) and Out are bf16 or fp32. BATCH slots' loads are issued
+/// before the first is used: 8 where few threads run (decode: latency-bound), 1 where many do
+/// (the registers it takes cost more occupancy than the latency it hides).
+template <class Y, class Out, int BATCH>
 static __global__ void combine_kernel(Y const* __restrict__ y, std::int32_t const* __restrict__ position,
                                       float const* __restrict__ weights, long long n, int top_k, int hidden,
                                       Y const* __restrict__ shared, int num_shared, Out* __restrict__ out,
@@ -53,13 +55,28 @@ static __global__ void combine_kernel(Y const* __restrict__ y, std::int32_t cons
   int const v = static_cast<int>(idx % vecs);
   float acc[8] = {};
   float part[8];
-  for (int j = 0; j < top_k; ++j) {
-    int const row = position[t * top_k + j];
-    if (row < 0) continue;
-    float const w = weights[t * top_k + j];
-    detail::load8(y + static_cast<long long>(row) * hidden + v * 8, part);
+  // BATCH slots at a time: their position and weight loads, then their row loads, are issued before
+  // the first is used (one memory latency per batch, not two per slot); the sum keeps gate order.
+  for (int j0 = 0; j0 < top_k; j0 += BATCH) {
+    int row[BATCH];
+    float w[BATCH];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(w, part[c]));
+    for (int j = 0; j < BATCH; ++j) {
+      bool const in = j0 + j < top_k;
+      row[j] = in ? position[t * top_k + j0 + j] : -1;
+      w[j] = in ? weights[t * top_k + j0 + j] : 0.0f;
+    }
+    float rows[BATCH][8];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      if (row[j] >= 0) detail::load8(y + static_cast<long long>(row[j]) * hidden + v * 8, rows[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      if (row[j] < 0) continue;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(w[j], rows[j][c]));
+    }
   }
   for (int s = 0; s < num_shared; ++s) {
     detail::load8(shared + (static_cast<long long>(s) * n + t) * hidden + v * 8, part);
@@ -68,6 +85,9 @@ static __global__ void combine_kernel(Y const* __restrict__ y, std::int32_t cons
   }
   detail::store8(out + t * out_stride + v * 8, acc);
 }
+
+/// Up to this many threads (tokens x hidden / 8) the combine batches its loads (see combine_kernel).
+inline constexpr long long combine_batched_max_threads = 65536;
 
 template <class Y, class Out>
 inline cudaError_t launch_combine(Y const* y, std::int32_t const* position, float const* weights, long long n, int top_k,
@@ -78,8 +98,16 @@ inline cudaError_t launch_combine(Y const* y, std::int32_t const* position, floa
                 "combine reads and writes bf16 or fp32");
   if (n == 0) return cudaSuccess;
   long long const threads_total = n * (hidden / 8);
-  combine_kernel<Y, Out><<<static_cast<unsigned>((threads_total + 255) / 256), 256, 0, stream>>>(
-      y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride, status);
+  auto const blocks = static_cast<unsigned>((threads_total + 255) / 256);
+  // measured on an H100 (docs/benchmarks.md): batching wins at 1-16 tokens of top-8 (4.7 -> 3.6 us)
+  // and Qwen3's 128, loses at DeepSeek-V3's 128 tokens (115k threads) and for top-2
+  if (top_k >= 4 && threads_total <= combine_batched_max_threads) {
+    combine_kernel<Y, Out, 8><<<blocks, 256, 0, stream>>>(y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride,
+                                                          status);
+  } else {
+    combine_kernel<Y, Out, 1><<<blocks, 256, 0, stream>>>(y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride,
+                                                          status);
+  }
   return cudaGetLastError();
 }
 

@@ -92,6 +92,9 @@ class grouped_weight_maps {
   [[nodiscard]] int matrices() const noexcept { return matrices_; }  // 2: gate_up, 1: down
   /// The device-resident maps of matrix `m` (0: gate or down, 1: up), G of them, 64-byte aligned.
   [[nodiscard]] CUtensorMap const* device_maps(int m) const noexcept { return maps_ + static_cast<std::ptrdiff_t>(m) * groups_; }
+  /// The wgmma kernel's tile counters (two, zero between launches): launches with these maps must
+  /// be ordered on one stream, as a layer's forward passes are.
+  [[nodiscard]] unsigned* tile_counters() const noexcept { return reinterpret_cast<unsigned*>(maps_ + static_cast<std::ptrdiff_t>(matrices_) * groups_); }
   /// Built for at least G groups of `nmat` matrices [rows, K] with row stride ld.
   [[nodiscard]] bool fits(int G, int nmat, std::int64_t rows, int K, std::int64_t ld) const noexcept {
     return status_ == cudaSuccess && groups_ >= G && matrices_ == nmat && rows_ == rows && k_ == K && ld_ == ld;
@@ -115,10 +118,12 @@ class grouped_weight_maps {
       }
     }
     void* d = nullptr;
-    status_ = cudaMalloc(&d, host.size() * sizeof(CUtensorMap));
+    std::size_t const map_bytes = host.size() * sizeof(CUtensorMap);
+    status_ = cudaMalloc(&d, map_bytes + sizeof(CUtensorMap));  // the maps, then the tile counters
     if (status_ != cudaSuccess) return;
     maps_ = static_cast<CUtensorMap*>(d);
-    status_ = cudaMemcpy(maps_, host.data(), host.size() * sizeof(CUtensorMap), cudaMemcpyHostToDevice);
+    status_ = cudaMemcpy(maps_, host.data(), map_bytes, cudaMemcpyHostToDevice);
+    if (status_ == cudaSuccess) status_ = cudaMemset(static_cast<char*>(d) + map_bytes, 0, sizeof(CUtensorMap));
     if (status_ != cudaSuccess) return;
     groups_ = G;
     matrices_ = nmat;
@@ -551,8 +556,8 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
-    return wgmma_detail::launch<swiglu, OutT>(a, offsets, G, M_total, maps->device_maps(0), maps->device_maps(swiglu ? 1 : 0), K, N,
-                                              out, stream);
+    return wgmma_detail::launch<swiglu, OutT>(a, offsets, G, M_total, maps->device_maps(0), maps->device_maps(swiglu ? 1 : 0), K, N, out,
+                                              maps->tile_counters(), stream);
   }
   if (chosen == grouped_gemm_path::stream) {
     std::int64_t const slots = M_total < G ? M_total : G;

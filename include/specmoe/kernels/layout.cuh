@@ -4,7 +4,8 @@
 // Two paths with identical results, chosen by slot count (tokens x top_k), measured in
 // bench/kernels/routing_kernels_bench.cu:
 //   single_block: one launch; a block-wide radix sort in shared memory writes the order, the
-//                 offsets and the inverse map directly (decode and small prefill: up to 8192 slots).
+//                 offsets and the inverse map directly (decode and small prefill: up to 8192 slots;
+//                 up to 64 slots a rank count replaces the sort: one pass, no radix passes).
 //   device_sort:  keys kernel + cub::DeviceRadixSort + offsets + inverse (any size).
 // Both check every slot: ids outside [-1, E), an expert twice in one token, non-finite weights.
 #pragma once
@@ -159,6 +160,52 @@ static __global__ void __launch_bounds__(THREADS)
   }
 }
 
+/// The whole layout for a handful of slots (decode): no radix sort, each slot's sorted position is
+/// the count of slots ordered before it (key, then slot: the same stable order), each offset the
+/// count of keys below its expert. Same checks and outputs as single_block_layout_kernel.
+template <int THREADS>
+static __global__ void __launch_bounds__(THREADS)
+    tiny_layout_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights, int slots, int top_k, int num_experts,
+                       std::int32_t* __restrict__ sorted_slots, std::int32_t* __restrict__ position,
+                       std::int64_t* __restrict__ offsets, device_status* status) {
+  __shared__ int ids_s[THREADS], keys[THREADS];
+  int const s = static_cast<int>(threadIdx.x);
+  if (s < slots) {
+    ids_s[s] = ids[s];
+    if (weights && !isfinite(weights[s])) detail::report(status, device_error_non_finite_weight, s / top_k);
+  }
+  __syncthreads();
+  if (s < slots) {
+    int const e = ids_s[s];
+    int key = e < 0 ? num_experts : e;
+    if (e < -1 || e >= num_experts) {
+      detail::report(status, device_error_expert_out_of_range, s / top_k);
+      key = num_experts;
+    } else if (e >= 0) {
+      bool twice = false;
+      for (int j = s - s % top_k; j < s; ++j) twice |= ids_s[j] == e;
+      if (twice) detail::report(status, device_error_duplicate_expert, s / top_k);
+    }
+    keys[s] = key;
+  }
+  __syncthreads();
+  if (s < slots) {
+    int const key = keys[s];
+    int p = 0;
+    for (int j = 0; j < slots; ++j) p += keys[j] < key || (keys[j] == key && j < s);
+    sorted_slots[p] = s;
+    position[s] = key < num_experts ? p : -1;
+  }
+  for (int e = s; e <= num_experts; e += THREADS) {
+    int below = 0;
+    for (int j = 0; j < slots; ++j) below += keys[j] < e;
+    offsets[e] = below;
+  }
+}
+
+/// Most slots the tiny layout takes (one thread a slot).
+inline constexpr long long layout_tiny_max_slots = 64;
+
 /// Device buffers of the layout step, for up to `max_slots` slots (tokens x top_k). The first
 /// three and `sort_temp` are the device_sort path's scratch.
 struct layout_buffers {
@@ -197,7 +244,9 @@ inline cudaError_t launch_layout(std::int32_t const* ids, float const* weights, 
     if (slots > layout_single_block_max_slots) return cudaErrorInvalidValue;
     int const bits = detail::bits_for(num_experts + 1);
     auto const s = static_cast<int>(slots);
-    if (slots <= 512) {
+    if (slots <= layout_tiny_max_slots) {
+      tiny_layout_kernel<64><<<1, 64, 0, stream>>>(ids, weights, s, top_k, num_experts, b.sorted_slots, b.position, b.offsets, status);
+    } else if (slots <= 512) {
       single_block_layout_kernel<128, 4><<<1, 128, 0, stream>>>(ids, weights, s, top_k, num_experts, bits, b.sorted_slots,
                                                                  b.position, b.offsets, status);
     } else if (slots <= 2048) {

@@ -35,9 +35,11 @@ static __global__ void gather_rows_kernel(T const* __restrict__ x, long long x_s
   int const vecs = hidden / 8;
   long long const idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   long long const row = idx / vecs;
-  if (row >= max_rows || row >= *rows_end) return;
+  if (row >= max_rows) return;
+  std::int32_t const slot = sorted_slots[row];  // loaded beside rows_end: one latency, not two
+  if (row >= *rows_end) return;
   int const v = static_cast<int>(idx % vecs);
-  long long const token = sorted_slots[row] / top_k;
+  long long const token = slot / top_k;
   reinterpret_cast<uint4*>(xp + row * hidden)[v] = detail::load8_as_bf16(x + token * x_stride + v * 8);
 }
 

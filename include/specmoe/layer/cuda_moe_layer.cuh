@@ -11,6 +11,7 @@
 #include <specmoe/kernels/grouped_gemm.cuh>
 #include <specmoe/kernels/layout.cuh>
 #include <specmoe/kernels/permute.cuh>
+#include <specmoe/kernels/router_logits.cuh>
 #include <specmoe/layer/moe_layer.hpp>
 
 #include <cublas_v2.h>
@@ -79,6 +80,11 @@ inline void enqueue_router_logits(cublasHandle_t cublas, matrix_view<bf16 const>
                                   std::int64_t n, float* logits, cudaStream_t stream) {
   float const one = 1.0f, zero = 0.0f;
   auto const E = static_cast<int>(router.rows), H = static_cast<int>(router.cols);
+  auto const* w = reinterpret_cast<__nv_bfloat16 const*>(router.data);
+  if (kernels::router_logits_supported(w, router.stride, E, H, x, n)) {  // decode: a warp per expert
+    SPECMOE_CUDA_TRY(kernels::launch_router_logits(w, router.stride, E, H, x, n, logits, stream));
+    return;
+  }
   SPECMOE_CUBLAS_TRY(cublasSetStream(cublas, stream));
   SPECMOE_CUBLAS_TRY(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), H, &one, router.data,
                                   CUDA_R_16BF, static_cast<int>(router.stride), x, CUDA_R_16BF, H, &zero, logits, CUDA_R_32F,

@@ -1,7 +1,10 @@
 // specmoe/kernels/detail/grouped_wgmma.cuh: the wgmma path of the grouped expert GEMMs (sm_90a),
 // included by kernels/grouped_gemm.cuh.
 //
-// One persistent block per SM walks the (row tile, column tile) list of all groups. Warp-specialised:
+// One persistent block per SM walks the (row tile, column tile) list of all groups, taking tiles
+// in order from a global counter (tiles that share operands then run at the same time: with a
+// fixed stride per block the blocks drifted apart over many tiles and a DeepSeek-V3 shape read
+// 2.4x its bytes from HBM). Warp-specialised:
 // warpgroup 0 (one thread) issues TMA loads, warpgroups 1 and 2 each own 64 rows of a 128 x 256
 // tile and run wgmma.m64n256k16 (fp32 accumulators in registers) on 128B-swizzled shared memory.
 // 4 stages of (A 128x64, B 256x64) bf16 = 192 KiB, a full and an empty mbarrier per stage; the
@@ -49,9 +52,14 @@ inline constexpr int a_bytes = bm * bk * 2;               // 16 KiB
 inline constexpr int stage_bytes = a_bytes + bn * bk * 2;  // 48 KiB
 inline constexpr int min_real_regs = 64;                  // the real kernel needs ~168; the stub a few
 
-/// Dynamic shared memory: 1 KiB alignment slack, the stages, 2 mbarriers a stage, pre[G + 1].
-constexpr std::size_t smem_bytes(int G) {
-  return 1024 + static_cast<std::size_t>(stages) * stage_bytes + 16 * stages + 4 * (static_cast<std::size_t>(G) + 1);
+/// Bands of row tiles (see locate) for at most m_tiles row tiles: one starts in every `band` tiles.
+constexpr std::int64_t max_bands(std::int64_t m_tiles) { return (m_tiles + band - 1) / band; }
+
+/// Dynamic shared memory: 1 KiB alignment slack, the stages, 2 mbarriers and a tile slot a stage,
+/// pre[G + 1], band_start[bands + 1].
+constexpr std::size_t smem_bytes(int G, std::int64_t bands) {
+  return 1024 + static_cast<std::size_t>(stages) * stage_bytes + 16 * stages + 8 * stages + 4 * (static_cast<std::size_t>(G) + 1) +
+         4 * (static_cast<std::size_t>(bands) + 1);
 }
 
 #if SPECMOE_GROUPED_WGMMA_DEVICE
@@ -137,26 +145,50 @@ struct tile {
   int g, mrows, n0;
 };
 
-/// Tile `lin` of the walk: bands of `band` row tiles, rows fastest within a band (a weight tile is
-/// then read from HBM about once per band). pre[g] = row tiles of groups < g.
-__device__ __forceinline__ tile locate(long long lin, int const* pre, int G, int total_tiles, int n_tiles, int out_per_tile,
-                                       std::int64_t const* __restrict__ offsets) {
-  long long const per_band = static_cast<long long>(band) * n_tiles;
-  int const b = static_cast<int>(lin / per_band);
-  int const r = static_cast<int>(lin - b * per_band);
-  int const h = min(band, total_tiles - b * band);
-  int const mt = b * band + r % h;
-  int lo = 0, hi = G;  // pre[lo] <= mt < pre[hi]
+/// Group of row tile mt: pre[g] <= mt < pre[g + 1] (pre[G] = all row tiles).
+__device__ __forceinline__ int group_of(int mt, int const* pre, int G) {
+  int lo = 0, hi = G;
   while (hi - lo > 1) {
     int const mid = (lo + hi) >> 1;
     if (pre[mid] <= mt) lo = mid; else hi = mid;
   }
+  return lo;
+}
+
+/// Bands: every group's row tiles are cut into chunks of at most `band`, and band b holds the
+/// chunks that start in row tiles [band * b, band * (b + 1)), so a band never splits a chunk and a
+/// group's weight tile is read from HBM once per chunk (about once). start[b] = first row tile of
+/// band b; every band holds at least one chunk (a chunk is at most `band` long).
+__device__ __forceinline__ int band_start(int b, int const* pre, int G, int total_tiles) {
+  for (int mt = b * band; mt < total_tiles && mt < (b + 1) * band; ++mt) {
+    int const g = group_of(mt, pre, G);
+    if ((mt - pre[g]) % band == 0) return mt;
+  }
+  return total_tiles;
+}
+
+/// Tile `lin` of the walk: band by band, and inside a band the row tiles fastest, so the row tiles
+/// sharing a weight tile are taken one after another (and A's band is reused across the columns).
+/// Tiles before band b: start[b] * n_tiles.
+__device__ __forceinline__ tile locate(long long lin, int const* pre, int G, int const* start, int bands, int n_tiles,
+                                       int out_per_tile, std::int64_t const* __restrict__ offsets) {
+  int const row_tile_pos = static_cast<int>(lin / n_tiles);  // a row tile inside lin's band (bands are row-tile ranges)
+  int lo = 0, hi = bands;                                    // start[lo] <= row_tile_pos < start[hi]
+  while (hi - lo > 1) {
+    int const mid = (lo + hi) >> 1;
+    if (start[mid] <= row_tile_pos) lo = mid; else hi = mid;
+  }
+  int const first = start[lo];
+  int const h = start[lo + 1] - first;
+  long long const r = lin - static_cast<long long>(first) * n_tiles;
+  int const mt = first + static_cast<int>(r % h);
+  int const g = group_of(mt, pre, G);
   tile t;
-  t.g = lo;
-  t.m0 = offsets[lo] + static_cast<std::int64_t>(mt - pre[lo]) * bm;
-  std::int64_t const left = offsets[lo + 1] - t.m0;
+  t.g = g;
+  t.m0 = offsets[g] + static_cast<std::int64_t>(mt - pre[g]) * bm;
+  std::int64_t const left = offsets[g + 1] - t.m0;
   t.mrows = static_cast<int>(left < bm ? left : bm);
-  t.n0 = (r / h) * out_per_tile;
+  t.n0 = static_cast<int>(r / h) * out_per_tile;
   return t;
 }
 #endif  // SPECMOE_GROUPED_WGMMA_DEVICE
@@ -168,7 +200,7 @@ template <bool SWIGLU, class OutT>
 __global__ void __launch_bounds__(threads, 1)
     grouped_wgmma_kernel(__grid_constant__ CUtensorMap const a_map, CUtensorMap const* __restrict__ w0_maps,
                          CUtensorMap const* __restrict__ w1_maps, std::int64_t const* __restrict__ offsets, int G, int K, int N,
-                         OutT* __restrict__ out) {
+                         OutT* __restrict__ out, unsigned* __restrict__ sched, int bands_cap) {
 #if SPECMOE_GROUPED_WGMMA_DEVICE
   extern __shared__ unsigned char smem_raw[];
   using scan_t = cub::BlockScan<int, threads>;
@@ -178,10 +210,12 @@ __global__ void __launch_bounds__(threads, 1)
   unsigned char* const smem = smem_raw + (base - raw);
   std::uint32_t const full0 = base + stages * stage_bytes;  // full[s] = full0 + 8 s
   std::uint32_t const empty0 = full0 + 8 * stages;
-  int* const pre = reinterpret_cast<int*>(smem + stages * stage_bytes + 16 * stages);
+  long long* const slot = reinterpret_cast<long long*>(smem + stages * stage_bytes + 16 * stages);  // tile of stage s's k tile 0
+  int* const pre = reinterpret_cast<int*>(smem + stages * stage_bytes + 24 * stages);
+  int* const start = pre + G + 1;
   int const tid = static_cast<int>(threadIdx.x);
 
-  // 1. row tiles per group, prefix-summed (once per block)
+  // 1. row tiles per group, prefix-summed, then the bands (once per block)
   int carry = 0;
   for (int b = 0; b < G; b += threads) {
     int const g = b + tid;
@@ -196,29 +230,40 @@ __global__ void __launch_bounds__(threads, 1)
   if (tid == 0) {
     pre[0] = 0;
     for (int s = 0; s < stages; ++s) {
-      mbar_init(full0 + 8 * s, 1);   // the producer's arrive.expect_tx
+      mbar_init(full0 + 8 * s, 1);   // the producer's arrive (with the tile's bytes, or the end mark)
       mbar_init(empty0 + 8 * s, 8);  // one arrive per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
-
   int const total_tiles = carry;
+  int const bands = min((total_tiles + band - 1) / band, bands_cap);  // the cap only guards against offsets past M_total
+  for (int b = tid; b <= bands; b += threads) start[b] = b == bands ? total_tiles : band_start(b, pre, G, total_tiles);
+  __syncthreads();
+
   constexpr int out_per_tile = SWIGLU ? bn / 2 : bn;
   int const n_tiles = (N + out_per_tile - 1) / out_per_tile;
-  long long const work = static_cast<long long>(total_tiles) * n_tiles;
+  long long const work = static_cast<long long>(start[bands]) * n_tiles;
   int const k_tiles = (K + bk - 1) / bk;
   int const wg = tid / 128;
 
   if (wg == 0) {
-    // 2. producer: one thread keeps the ring of stages full
+    // 2. producer: one thread takes tiles from the counter in order and keeps the ring of stages full
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {
       int stage = 0;
       std::uint32_t phase = 0;
-      for (long long lin = blockIdx.x; lin < work; lin += gridDim.x) {
-        tile const t = locate(lin, pre, G, total_tiles, n_tiles, out_per_tile, offsets);
+      long long lin = atomicAdd(sched, 1u);
+      while (true) {
+        if (lin >= work) {  // the end mark: consumers stop at it
+          mbar_wait(empty0 + 8 * stage, phase ^ 1u);
+          slot[stage] = -1;
+          mbar_arrive(full0 + 8 * stage);
+          break;
+        }
+        long long const next = atomicAdd(sched, 1u);  // asked early: its latency hides behind this tile's loads
+        tile const t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, offsets);
         CUtensorMap const* const m0 = w0_maps + t.g;
         CUtensorMap const* const m1 = SWIGLU ? w1_maps + t.g : m0;
         int const row1 = SWIGLU ? t.n0 : t.n0 + box_rows;
@@ -228,6 +273,7 @@ __global__ void __launch_bounds__(threads, 1)
           mbar_wait(empty0 + 8 * stage, phase ^ 1u);
           std::uint32_t const fb = full0 + 8 * stage;
           std::uint32_t const s = base + stage * stage_bytes;
+          if (kt == 0) slot[stage] = lin;  // published by the arrive below
           mbar_expect_tx(fb, bytes);
           tma_load(s, &a_map, fb, kt * bk, static_cast<int>(t.m0));
           tma_load(s + a_bytes, m0, fb, kt * bk, t.n0);
@@ -237,6 +283,13 @@ __global__ void __launch_bounds__(threads, 1)
             phase ^= 1u;
           }
         }
+        lin = next;
+      }
+      // every block asks once past the end; the last to do so resets the counter for the next launch
+      __threadfence();
+      if (atomicAdd(sched + 1, 1u) == gridDim.x - 1) {
+        atomicExch(sched, 0u);
+        atomicExch(sched + 1, 0u);
       }
     }
   } else {
@@ -249,11 +302,14 @@ __global__ void __launch_bounds__(threads, 1)
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     int stage = 0;
     std::uint32_t phase = 0;
-    for (long long lin = blockIdx.x; lin < work; lin += gridDim.x) {
-      tile const t = locate(lin, pre, G, total_tiles, n_tiles, out_per_tile, offsets);
+    while (true) {
+      mbar_wait(full0 + 8 * stage, phase);  // k tile 0 of the next tile, or the end mark
+      long long const lin = slot[stage];
+      if (lin < 0) break;
+      tile const t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, offsets);
       int prev = 0;
       for (int kt = 0; kt < k_tiles; ++kt) {
-        mbar_wait(full0 + 8 * stage, phase);
+        if (kt > 0) mbar_wait(full0 + 8 * stage, phase);
         std::uint32_t const s = base + stage * stage_bytes;
         std::uint64_t const da = smem_desc(s + a_off);
         std::uint64_t const db = smem_desc(s + a_bytes);
@@ -304,7 +360,7 @@ __global__ void __launch_bounds__(threads, 1)
     }
   }
 #else
-  (void)a_map, (void)w0_maps, (void)w1_maps, (void)offsets, (void)G, (void)K, (void)N, (void)out;
+  (void)a_map, (void)w0_maps, (void)w1_maps, (void)offsets, (void)G, (void)K, (void)N, (void)out, (void)sched, (void)bands_cap;
 #endif
 }
 
@@ -389,18 +445,26 @@ kernel_info const& info() {
   return k;
 }
 
+/// At least sum_g ceil(n_g / bm) for any G counts summing to M_total.
+inline std::int64_t row_tiles_bound(int G, std::int64_t M_total) {
+  std::int64_t const m_tiles = (M_total + static_cast<std::int64_t>(G) * (bm - 1)) / bm;
+  return m_tiles < M_total ? m_tiles : M_total;
+}
+
 /// True when launch() below can run this problem on the current device (else the caller falls back).
 template <bool SWIGLU, class OutT>
 bool can_launch(int G, std::int64_t M_total) {
   if (hopper_sms() <= 0 || M_total > 0x7fffffffLL || !tensor_map_encoder()) return false;
   kernel_info const& k = info<SWIGLU, OutT>();
-  return k.err == cudaSuccess && k.real && smem_bytes(G) <= k.max_dynamic;
+  return k.err == cudaSuccess && k.real && smem_bytes(G, max_bands(row_tiles_bound(G, M_total))) <= k.max_dynamic;
 }
 
-/// Validated by the caller (grouped_gemm_detail::launch) and by can_launch.
+/// Validated by the caller (grouped_gemm_detail::launch) and by can_launch. sched: the maps' two
+/// counters, zero between launches (each launch leaves them so); launches that share them must be
+/// ordered on one stream.
 template <bool SWIGLU, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, CUtensorMap const* w0_maps,
-                   CUtensorMap const* w1_maps, int K, int N, OutT* out, cudaStream_t stream) {
+                   CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, cudaStream_t stream) {
   CUtensorMap a_map;
   if (cudaError_t const e = encode_rows(a_map, a, static_cast<std::uint64_t>(M_total), static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(K));
       e != cudaSuccess) {
@@ -408,17 +472,19 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   }
   constexpr int out_per_tile = SWIGLU ? bn / 2 : bn;
   std::int64_t const n_tiles = (N + out_per_tile - 1) / out_per_tile;
-  std::int64_t m_tiles = (M_total + static_cast<std::int64_t>(G) * (bm - 1)) / bm;  // >= sum_g ceil(n_g / BM)
-  if (m_tiles > M_total) m_tiles = M_total;
+  std::int64_t const m_tiles = row_tiles_bound(G, M_total);
   std::int64_t const tiles = m_tiles * n_tiles;
   if (tiles > 0x7fffffffLL) return cudaErrorInvalidValue;
   int const sms = hopper_sms();
   auto const grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
+  if (grid == 0) return cudaSuccess;
   if (cudaError_t const e = kernels::detail::allow_dynamic_smem(reinterpret_cast<void const*>(grouped_wgmma_kernel<SWIGLU, OutT>),
                                                static_cast<int>(info<SWIGLU, OutT>().max_dynamic));
       e != cudaSuccess)
     return e;
-  grouped_wgmma_kernel<SWIGLU, OutT><<<grid, threads, smem_bytes(G), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out);
+  auto const bands = max_bands(m_tiles);
+  grouped_wgmma_kernel<SWIGLU, OutT><<<grid, threads, smem_bytes(G, bands), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out,
+                                                                                     sched, static_cast<int>(bands));
   return cudaGetLastError();
 }
 
