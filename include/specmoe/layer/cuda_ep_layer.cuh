@@ -5,6 +5,7 @@
 
 #include <specmoe/comm/device_backend.cuh>
 #include <specmoe/core/expert_placement.hpp>
+#include <specmoe/detail/scoped_stream.cuh>
 #include <specmoe/kernels/ep_dispatch.cuh>
 #include <specmoe/kernels/token_shuffle.cuh>
 #include <specmoe/layer/cuda_moe_layer.cuh>
@@ -410,12 +411,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   void load_router_kernels() {
     auto const H = static_cast<std::size_t>(config_.hidden_size), N = static_cast<std::size_t>(max_tokens_);
     auto* x = reinterpret_cast<__nv_bfloat16*>(results_);  // D*N*H rows of scratch, nothing live yet
-    cudaStream_t stream = nullptr;
-    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    struct stream_guard {
-      cudaStream_t s;
-      ~stream_guard() { cudaStreamDestroy(s); }
-    } const guard{stream};
+    specmoe::detail::scoped_stream const setup;
+    cudaStream_t const stream = setup.get();
     SPECMOE_CUDA_TRY(cudaMemsetAsync(x, 0, N * H * 2, stream));
     for (std::int64_t n = 1; n <= max_tokens_; n = n < 16 ? n + 1 : n + std::max<std::int64_t>(1, n / 8))
       detail::enqueue_router_logits(cublas_, weights_.router.weight, x, n, logits_, stream);

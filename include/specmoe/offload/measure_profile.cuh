@@ -18,6 +18,7 @@
 #include <specmoe/core/bfloat16.hpp>
 #include <specmoe/core/error.hpp>
 #include <specmoe/core/expert_weights.hpp>
+#include <specmoe/detail/scoped_stream.cuh>
 #include <specmoe/layer/cuda_moe_layer.cuh>
 #include <specmoe/offload/detail/cuda_try.cuh>
 #include <specmoe/offload/host_expert_store.cuh>
@@ -126,12 +127,8 @@ prefetch::offload_profile measure_profile(moe_config const& config, std::span<mo
   SPECMOE_EXPECTS(options.accuracy.empty() || static_cast<int>(options.accuracy.size()) == L, errc::shape_mismatch,
                   "measure_profile: accuracy has ", options.accuracy.size(), " entries for ", L, " layers");
 
-  cudaStream_t stream = nullptr;
-  SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  struct stream_guard {
-    cudaStream_t s;
-    ~stream_guard() { cudaStreamDestroy(s); }
-  } const guard{stream};
+  specmoe::detail::scoped_stream const owned_stream;
+  cudaStream_t const stream = owned_stream.get();
   profile_detail::event_timer timer(stream);
   std::size_t const B = store.expert_bytes();
 
