@@ -420,6 +420,49 @@ TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result"
   }
 }
 
+TEST_CASE("grouped_gemm: the stream path reading rows through an index equals the gathered rows") {
+  int dev_count = 0;
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  std::mt19937_64 rng(29);
+  for (auto const& pr : {problem{8, 16, 16, 256, 128, 128, sizes_kind::random, true},
+                         problem{128, 64, 60, 512, 256, 256, sizes_kind::with_empty, true},
+                         problem{32, 8, 8, 128, 64, 64, sizes_kind::one_holds_all, false}}) {
+    fixture fx(pr, rng);
+    for (int const divisor : {1, 8}) {
+      std::string const what = describe(pr) + " divisor=" + std::to_string(divisor);
+      INFO(what);
+      // row m of the GEMM is fx.x[m]; place it at source row perm[m] and point index[m] there
+      std::vector<std::int32_t> perm(static_cast<std::size_t>(pr.M_total)), index(perm.size());
+      for (std::size_t m = 0; m < perm.size(); ++m) perm[m] = static_cast<std::int32_t>(m);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<bf16> src(fx.x.size());
+      for (std::size_t m = 0; m < perm.size(); ++m) {
+        auto const row = static_cast<std::size_t>(perm[m]);
+        std::copy_n(fx.x.begin() + static_cast<std::ptrdiff_t>(m * pr.K), pr.K, src.begin() + static_cast<std::ptrdiff_t>(row * pr.K));
+        index[m] = perm[m] * divisor + static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(divisor));
+      }
+      dev_buf<bf16> d_src(src.size());
+      dev_buf<std::int32_t> d_index(index.size());
+      GG_CHECK(cudaMemcpy(d_src.p, src.data(), src.size() * 2, cudaMemcpyHostToDevice));
+      GG_CHECK(cudaMemcpy(d_index.p, index.data(), index.size() * 4, cudaMemcpyHostToDevice));
+      fx.poison();
+      GG_CHECK(gg_test::gate_up_gathered(d_src.p, d_index.p, divisor, fx.d_off.p, pr.G, pr.M_total, fx.d_pg.p, fx.d_pu.p, fx.ld_up,
+                                         pr.K, pr.F, fx.d_h.p, nullptr, path::stream, nullptr));
+      GG_CHECK(fx.down(path::stream, nullptr));
+      GG_CHECK(fx.down_f32(path::stream, nullptr));
+      GG_CHECK(cudaDeviceSynchronize());
+      fx.check(what);
+      // other paths read rows in place only: refused, nothing launched
+      CHECK(gg_test::gate_up_gathered(d_src.p, d_index.p, divisor, fx.d_off.p, pr.G, pr.M_total, fx.d_pg.p, fx.d_pu.p, fx.ld_up, pr.K,
+                                      pr.F, fx.d_h.p, nullptr, path::mma, nullptr) == cudaErrorInvalidValue);
+      CHECK(gg_test::gate_up_gathered(d_src.p, nullptr, divisor, fx.d_off.p, pr.G, pr.M_total, fx.d_pg.p, fx.d_pu.p, fx.ld_up, pr.K,
+                                      pr.F, fx.d_h.p, nullptr, path::stream, nullptr) == cudaErrorInvalidValue);
+      CHECK(gg_test::gate_up_gathered(d_src.p, d_index.p, 0, fx.d_off.p, pr.G, pr.M_total, fx.d_pg.p, fx.d_pu.p, fx.ld_up, pr.K,
+                                      pr.F, fx.d_h.p, nullptr, path::stream, nullptr) == cudaErrorInvalidValue);
+    }
+  }
+}
+
 TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
   int dev_count = 0;
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure

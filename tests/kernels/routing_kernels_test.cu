@@ -3,6 +3,7 @@
 #include "support/testbed.hpp"
 
 #include <specmoe/kernels/combine.cuh>
+#include <specmoe/kernels/decode_routing.cuh>
 #include <specmoe/kernels/gate.cuh>
 #include <specmoe/kernels/layout.cuh>
 #include <specmoe/kernels/permute.cuh>
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 
@@ -393,4 +395,89 @@ TEST_CASE("router logits kernel: a warp per expert equals the fp32 dot products,
   REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 64, d_x.data(), 9));
   REQUIRE(kernels::launch_router_logits(d_router.data(), 64, 64, 64, d_x.data(), 9, nullptr, nullptr) == cudaErrorInvalidValue);
   REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 60, d_x.data(), 1));  // H not a multiple of 8
+}
+
+TEST_CASE("decode routing kernel: one launch equals router logits + block gate + tiny layout bit for bit, twice in a row",
+          "[kernels][router][gate][layout]") {
+  std::mt19937_64 rng(17);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  struct shape {
+    int E, k;
+    bool grouped;
+  };
+  for (auto const sh : {shape{8, 2, false}, shape{64, 8, false}, shape{128, 8, false}, shape{256, 8, true}, shape{256, 1, false}}) {
+    for (int H : {64, 2048}) {
+      auto cfg = random_gate_config(sh.E, sh.k, sh.grouped, rng);
+      std::vector<__nv_bfloat16> router(static_cast<std::size_t>(sh.E * H));
+      for (auto& w : router) w = __float2bfloat16(u(rng) * 0.2f);
+      std::vector<float> bias(static_cast<std::size_t>(sh.E));
+      for (auto& b : bias) b = u(rng) * 0.05f;
+      device_vector<__nv_bfloat16> d_router(router);
+      device_vector<float> d_bias(bias);
+      auto const p = kernels::gate_params::from(cfg, sh.grouped ? d_bias.data() : nullptr);
+      device_vector<unsigned> arrivals(1, 0);
+      long long const max_n = std::min<long long>(kernels::router_logits_max_tokens, kernels::decode_routing_max_slots / sh.k);
+      for (long long n = 1; n <= max_n; ++n) {
+        for (bool nan_token : {false, true}) {
+          INFO("E " << sh.E << " k " << sh.k << " grouped " << sh.grouped << " H " << H << " n " << n << " NaN " << nan_token);
+          std::vector<__nv_bfloat16> x(static_cast<std::size_t>(n * H));
+          for (auto& v : x) v = __float2bfloat16(u(rng));
+          long long const bad = nan_token ? static_cast<long long>(rng() % static_cast<std::uint64_t>(n)) : -1;
+          if (bad >= 0) x[static_cast<std::size_t>(bad * H + 5)] = __float2bfloat16(std::numeric_limits<float>::quiet_NaN());
+          device_vector<__nv_bfloat16> d_x(x);
+          auto const slots = static_cast<std::size_t>(n * sh.k);
+          // reference: the three kernels one after another
+          device_vector<float> ref_logits(static_cast<std::size_t>(n * sh.E), 0xff), ref_w(slots, 0xff);
+          device_vector<std::int32_t> ref_ids(slots, 0xff), ref_sorted(slots, 0xff), ref_pos(slots, 0xff);
+          device_vector<std::int64_t> ref_off(static_cast<std::size_t>(sh.E + 1), 0xff);
+          device_vector<kernels::device_status> ref_status(1, 0);
+          kernels::layout_buffers rb{};
+          rb.sorted_slots = ref_sorted.data();
+          rb.position = ref_pos.data();
+          rb.offsets = ref_off.data();
+          SPECMOE_TEST_CUDA(kernels::launch_router_logits(d_router.data(), H, sh.E, H, d_x.data(), n, ref_logits.data(), nullptr));
+          SPECMOE_TEST_CUDA(kernels::launch_topk_gate(ref_logits.data(), n, p, ref_ids.data(), ref_w.data(), new_status(ref_status),
+                                                      nullptr, kernels::gate_path::block_per_token));
+          SPECMOE_TEST_CUDA(kernels::launch_layout(ref_ids.data(), ref_w.data(), n, sh.k, sh.E, rb, ref_status.data(), nullptr));
+          REQUIRE(kernels::decode_routing_supported(d_router.data(), H, H, d_x.data(), n, p));
+          for (int rep = 0; rep < 2; ++rep) {  // the second launch finds the block counter reset by the first
+            device_vector<float> logits(static_cast<std::size_t>(n * sh.E), 0xff), w(slots, 0xff);
+            device_vector<std::int32_t> ids(slots, 0xff), sorted(slots, 0xff), pos(slots, 0xff);
+            device_vector<std::int64_t> off(static_cast<std::size_t>(sh.E + 1), 0xff);
+            device_vector<kernels::device_status> status(1, 0xff);  // dirty: the kernel writes it whole
+            kernels::layout_buffers b{};
+            b.sorted_slots = sorted.data();
+            b.position = pos.data();
+            b.offsets = off.data();
+            SPECMOE_TEST_CUDA(kernels::launch_decode_routing(d_router.data(), H, H, d_x.data(), n, logits.data(), p, ids.data(),
+                                                             w.data(), b, status.data(), arrivals.data(), nullptr));
+            SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+            REQUIRE(ids.to_host() == ref_ids.to_host());
+            auto const gw = w.to_host(), rw = ref_w.to_host();
+            REQUIRE(std::memcmp(gw.data(), rw.data(), slots * sizeof(float)) == 0);
+            REQUIRE(sorted.to_host() == ref_sorted.to_host());
+            REQUIRE(pos.to_host() == ref_pos.to_host());
+            REQUIRE(off.to_host() == ref_off.to_host());
+            auto const st = status.to_host()[0], rst = ref_status.to_host()[0];
+            REQUIRE(st.bits == rst.bits);
+            REQUIRE(st.first_token == rst.first_token);
+            REQUIRE(st.bits == (bad >= 0 ? int{kernels::device_error_non_finite_logit} : 0));
+            if (bad >= 0) REQUIRE(st.first_token == bad);
+            REQUIRE(arrivals.to_host()[0] == 0u);
+          }
+        }
+      }
+    }
+  }
+  // Outside its range it launches nothing and says so.
+  device_vector<__nv_bfloat16> d_router(std::vector<__nv_bfloat16>(512 * 64)), d_x(std::vector<__nv_bfloat16>(9 * 64));
+  device_vector<unsigned> arrivals(1, 0);
+  moe_config wide{.hidden_size = 64, .ffn_size = 8, .num_experts = 512, .top_k = 8};
+  REQUIRE_FALSE(kernels::decode_routing_supported(d_router.data(), 64, 64, d_x.data(), 1, kernels::gate_params::from(wide, nullptr)));
+  moe_config many{.hidden_size = 64, .ffn_size = 8, .num_experts = 128, .top_k = 8};
+  auto const pm = kernels::gate_params::from(many, nullptr);
+  REQUIRE_FALSE(kernels::decode_routing_supported(d_router.data(), 64, 64, d_x.data(), 9, pm));  // 72 slots
+  kernels::layout_buffers none{};
+  REQUIRE(kernels::launch_decode_routing(d_router.data(), 64, 64, d_x.data(), 9, nullptr, pm, nullptr, nullptr, none, nullptr,
+                                         arrivals.data(), nullptr) == cudaErrorInvalidValue);
 }

@@ -101,13 +101,8 @@ inline cudaError_t launch_combine(Y const* y, std::int32_t const* position, floa
   auto const blocks = static_cast<unsigned>((threads_total + 255) / 256);
   // measured on an H100 (docs/benchmarks.md): batching wins at 1-16 tokens of top-8 (4.7 -> 3.6 us)
   // and Qwen3's 128, loses at DeepSeek-V3's 128 tokens (115k threads) and for top-2
-  if (top_k >= 4 && threads_total <= combine_batched_max_threads) {
-    combine_kernel<Y, Out, 8><<<blocks, 256, 0, stream>>>(y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride,
-                                                          status);
-  } else {
-    combine_kernel<Y, Out, 1><<<blocks, 256, 0, stream>>>(y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride,
-                                                          status);
-  }
+  auto const kernel = top_k >= 4 && threads_total <= combine_batched_max_threads ? combine_kernel<Y, Out, 8> : combine_kernel<Y, Out, 1>;
+  kernel<<<blocks, 256, 0, stream>>>(y, position, weights, n, top_k, hidden, shared, num_shared, out, out_stride, status);
   return cudaGetLastError();
 }
 

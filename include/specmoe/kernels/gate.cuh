@@ -209,9 +209,13 @@ inline constexpr long long gate_block_max_tokens = 128;
 ///      equals its rank among all experts whenever that is < k (every expert ahead of it is then
 ///      in some warp's k best), so rank r < k writes slot r.
 /// NOTES: same floats and order as topk_gate_kernel, so the two kernels agree bit for bit.
-static __global__ void __launch_bounds__(gate_block_max_experts)
-    topk_gate_block_kernel(float const* __restrict__ logits, gate_params p, std::int32_t* __restrict__ ids,
-                           float* __restrict__ weights, device_status* status) {
+namespace detail {
+/// The block gate of token t, for the whole block (blockDim.x >= round_up(E, 32), at most
+/// gate_block_max_experts): topk_gate_block_kernel's body, also run by the fused decode routing
+/// (decode_routing.cuh) for each of its tokens. Logits are read from L2 (written by other blocks
+/// of that kernel). Callers running it for several tokens put a barrier between them.
+__device__ inline void gate_token_in_block(long long t, float const* __restrict__ logits, gate_params const& p,
+                                           std::int32_t* __restrict__ ids, float* __restrict__ weights, device_status* status) {
   constexpr int max_warps = gate_block_max_experts / 32;
   struct alignas(8) candidate {
     float choice;
@@ -226,10 +230,9 @@ static __global__ void __launch_bounds__(gate_block_max_experts)
 
   int const e = static_cast<int>(threadIdx.x), lane = e % 32, warp = e / 32;
   int const warps = static_cast<int>(blockDim.x) / 32;
-  long long const t = blockIdx.x;
   int const E = p.num_experts, k = p.top_k;
-  bool const valid = e < E;  // threads past E pad the last warp
-  float const v = valid ? logits[t * E + e] : 0.0f;
+  bool const valid = e < E;  // threads past E pad the block
+  float const v = valid ? __ldcg(logits + t * E + e) : 0.0f;
   float const b = valid && p.bias ? p.bias[e] : 0.0f;
   if (!p.grouped) {
     float const m = detail::warp_max(valid ? v : -FLT_MAX);
@@ -325,6 +328,13 @@ static __global__ void __launch_bounds__(gate_block_max_experts)
     }
     weights[t * k + rank] = __fmul_rn(w, p.scale);
   }
+}
+}  // namespace detail
+
+static __global__ void __launch_bounds__(gate_block_max_experts)
+    topk_gate_block_kernel(float const* __restrict__ logits, gate_params p, std::int32_t* __restrict__ ids,
+                           float* __restrict__ weights, device_status* status) {
+  detail::gate_token_in_block(blockIdx.x, logits, p, ids, weights, status);
 }
 
 /// Which gate kernel launch_topk_gate runs.

@@ -53,6 +53,14 @@ namespace specmoe::kernels {
 /// device and an sm_90a build (else cudaErrorInvalidValue / cudaErrorNotSupported).
 enum class grouped_gemm_path { automatic, stream, mma, wgmma };
 
+/// Input rows read through an index instead of in place (the stream path gathers for itself):
+/// row m of the GEMM's input is x[index[m] / divisor], x dense with K columns. Decode passes the
+/// layout's sorted slots and top_k, which saves the gather's launch (launch_grouped_gate_up_swiglu).
+struct row_gather {
+  std::int32_t const* index = nullptr;  ///< [M_total] device; null: rows in place
+  int divisor = 1;
+};
+
 /// Scratch the grouped GEMMs need: none (each block scans the offsets itself).
 constexpr std::size_t grouped_gemm_workspace_bytes(int /*G*/, std::int64_t /*M_total*/) noexcept { return 0; }
 
@@ -214,13 +222,20 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], unsigned const (&a)[4], 
 // y-th non-empty group. Each warp owns `rpw` output rows of each of the NMAT matrices (NMAT = 2:
 // gate and up), streams them once per chunk of up to 8 group rows, and reduces across lanes.
 // ------------------------------------------------------------------------------------------
-inline constexpr int stream_rpw = 2;                                  // output rows per warp
+#ifndef SPECMOE_STREAM_RPW
+#define SPECMOE_STREAM_RPW 2
+#endif
+#ifndef SPECMOE_STREAM_UNROLL
+#define SPECMOE_STREAM_UNROLL 2
+#endif
+inline constexpr int stream_unroll = SPECMOE_STREAM_UNROLL;
+inline constexpr int stream_rpw = SPECMOE_STREAM_RPW;                                  // output rows per warp
 inline constexpr int stream_rows_per_block = stream_rpw * threads / 32;  // 16
 
 template <int NMAT, int R, class OutT>
-__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int64_t m0, int rows, bf16 const* const (&wrow)[stream_rpw][NMAT],
-                                            bool const (&nvalid)[stream_rpw], int n_first, int K, OutT* __restrict__ out,
-                                            std::int64_t ldo) {
+__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, row_gather gather, std::int64_t m0, int rows,
+                                            bf16 const* const (&wrow)[stream_rpw][NMAT], bool const (&nvalid)[stream_rpw], int n_first,
+                                            int K, OutT* __restrict__ out, std::int64_t ldo) {
   int const lane = threadIdx.x & 31;
   float acc[stream_rpw][NMAT][R];
 #pragma unroll
@@ -232,9 +247,13 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
 
   bf16 const* xrow[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) xrow[r] = a + (m0 + (r < rows ? r : 0)) * static_cast<std::int64_t>(K);
+  for (int r = 0; r < R; ++r) {
+    std::int64_t const m = m0 + (r < rows ? r : 0);
+    std::int64_t const src = gather.index ? gather.index[m] / gather.divisor : m;
+    xrow[r] = a + src * static_cast<std::int64_t>(K);
+  }
 
-#pragma unroll 2
+#pragma unroll stream_unroll
   for (int k = lane * 8; k < K; k += 256) {
     uint4 wv[stream_rpw][NMAT];
 #pragma unroll
@@ -289,7 +308,8 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
 template <int NMAT, class OutT>
 __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
                                                                   bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
-                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
+                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out,
+                                                                  row_gather gather) {
   using scan_t = cub::BlockScan<int, threads>;
   __shared__ typename scan_t::TempStorage scan_storage;
   __shared__ int s_group;
@@ -330,13 +350,13 @@ __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __r
   for (std::int64_t m0 = mb; m0 < me; m0 += 8) {
     int const rows = static_cast<int>(me - m0 < 8 ? me - m0 : 8);
     if (rows == 1) {
-      stream_rows<NMAT, 1>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      stream_rows<NMAT, 1>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     } else if (rows == 2) {
-      stream_rows<NMAT, 2>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      stream_rows<NMAT, 2>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     } else if (rows <= 4) {
-      stream_rows<NMAT, 4>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      stream_rows<NMAT, 4>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     } else {
-      stream_rows<NMAT, 8>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      stream_rows<NMAT, 8>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     }
   }
 }
@@ -542,7 +562,7 @@ inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total
 template <int NMAT, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0,
                    bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path,
-                   grouped_weight_maps const* maps) {
+                   grouped_weight_maps const* maps, row_gather gather = {}) {
   if (G < 1 || G > 16384 || M_total < 0 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || ld < K || ld % 8 != 0 || !a || !offsets ||
       !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out)) {
     return cudaErrorInvalidValue;
@@ -553,6 +573,7 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   constexpr bool swiglu = NMAT == 2;
   bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
   grouped_gemm_path const chosen = choose(path, G, M_total, NMAT, wgmma_ok);
+  if (gather.index && (chosen != grouped_gemm_path::stream || gather.divisor < 1)) return cudaErrorInvalidValue;
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
@@ -563,7 +584,7 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
-    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, gather);
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));
@@ -583,6 +604,15 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
 
 }  // namespace grouped_gemm_detail
 
+/// The path `automatic` takes for a gate_up launch (nmat = 2) or a down launch (nmat = 1) of these
+/// sizes with these maps (or none) on the current device.
+inline grouped_gemm_path automatic_grouped_gemm_path(int G, std::int64_t M_total, int nmat, grouped_weight_maps const* maps) {
+  if (maps && maps->status() != cudaSuccess) maps = nullptr;
+  bool const wgmma_ok = maps && (nmat == 2 ? wgmma_detail::can_launch<true, __nv_bfloat16>(G, M_total)
+                                           : wgmma_detail::can_launch<false, __nv_bfloat16>(G, M_total));
+  return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, nmat, wgmma_ok);
+}
+
 /// h[m, f] = bf16_rn(silu(x_m . Wg[f]) * (x_m . Wu[f])) for every row m < offsets[G], where group g
 /// of row m uses w_gate[g], w_up[g] (device arrays of G device pointers, each [F, K] with row
 /// stride ld). x [M_total, K], h [M_total, F], both bf16 row-major. Fused w13 ([2F, K] per
@@ -594,6 +624,18 @@ inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, std::in
                                                  grouped_gemm_path path = grouped_gemm_path::automatic,
                                                  grouped_weight_maps const* maps = nullptr) {
   return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps);
+}
+
+/// The same with the input rows read through `gather` (row m is x[gather.index[m] / gather.divisor],
+/// x [*, K] dense): the stream path only. cudaErrorInvalidValue where `path` (automatic: as
+/// automatic_grouped_gemm_path(G, M_total, 2, maps)) is not the stream path.
+inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, row_gather gather, std::int64_t const* offsets, int G,
+                                                 std::int64_t M_total, __nv_bfloat16 const* const* w_gate,
+                                                 __nv_bfloat16 const* const* w_up, std::int64_t ld, int K, int F, __nv_bfloat16* h,
+                                                 cudaStream_t stream, grouped_gemm_path path = grouped_gemm_path::automatic,
+                                                 grouped_weight_maps const* maps = nullptr) {
+  if (!gather.index) return cudaErrorInvalidValue;
+  return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps, gather);
 }
 
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row

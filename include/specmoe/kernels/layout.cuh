@@ -47,6 +47,22 @@ __device__ inline int slot_key(std::int32_t const* __restrict__ ids, float const
   }
   return e < 0 ? num_experts : e;
 }
+
+/// The same key for slot s with its token's ids staged in shared memory (`staged[j]` = ids[j]):
+/// out-of-range ids and an expert twice in one token flagged, empty and flagged slots keyed E.
+__device__ inline int staged_slot_key(int const* staged, int s, int top_k, int num_experts, device_status* status) {
+  int const e = staged[s];
+  if (e < -1 || e >= num_experts) {
+    report(status, device_error_expert_out_of_range, s / top_k);
+    return num_experts;
+  }
+  if (e >= 0) {
+    bool twice = false;
+    for (int j = s - s % top_k; j < s; ++j) twice |= staged[j] == e;
+    if (twice) report(status, device_error_duplicate_expert, s / top_k);
+  }
+  return e < 0 ? num_experts : e;
+}
 }  // namespace detail
 
 /// Which layout kernel runs: `automatic` picks by slot count; the others force one (tests, benches).
@@ -121,20 +137,8 @@ static __global__ void __launch_bounds__(THREADS)
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     int const s = first + i;
-    int key = num_experts + 1;  // padding sorts after every real slot (real keys are <= E)
-    if (s < slots) {
-      int const e = smem.keys[s];
-      key = e < 0 ? num_experts : e;
-      if (e < -1 || e >= num_experts) {
-        detail::report(status, device_error_expert_out_of_range, s / top_k);
-        key = num_experts;
-      } else if (e >= 0) {
-        bool twice = false;
-        for (int j = s - s % top_k; j < s; ++j) twice |= smem.keys[j] == e;
-        if (twice) detail::report(status, device_error_duplicate_expert, s / top_k);
-      }
-    }
-    keys[i] = key;
+    // padding sorts after every real slot (real keys are <= E)
+    keys[i] = s < slots ? detail::staged_slot_key(smem.keys, s, top_k, num_experts, status) : num_experts + 1;
     vals[i] = s;
   }
   __syncthreads();  // the sort reuses smem.keys
@@ -160,34 +164,24 @@ static __global__ void __launch_bounds__(THREADS)
   }
 }
 
-/// The whole layout for a handful of slots (decode): no radix sort, each slot's sorted position is
-/// the count of slots ordered before it (key, then slot: the same stable order), each offset the
-/// count of keys below its expert. Same checks and outputs as single_block_layout_kernel.
+namespace detail {
+/// The whole layout for a handful of slots (decode), for the whole block (blockDim.x >= slots,
+/// slots <= THREADS): no radix sort, each slot's sorted position is the count of slots ordered
+/// before it (key, then slot: the same stable order), each offset the count of keys below its
+/// expert. Same checks and outputs as single_block_layout_kernel. Also run by the fused decode
+/// routing (decode_routing.cuh), after the gate wrote `ids` from the same block.
 template <int THREADS>
-static __global__ void __launch_bounds__(THREADS)
-    tiny_layout_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights, int slots, int top_k, int num_experts,
-                       std::int32_t* __restrict__ sorted_slots, std::int32_t* __restrict__ position,
-                       std::int64_t* __restrict__ offsets, device_status* status) {
+__device__ inline void tiny_layout_in_block(std::int32_t const* ids, float const* weights, int slots, int top_k, int num_experts,
+                                            std::int32_t* __restrict__ sorted_slots, std::int32_t* __restrict__ position,
+                                            std::int64_t* __restrict__ offsets, device_status* status) {
   __shared__ int ids_s[THREADS], keys[THREADS];
   int const s = static_cast<int>(threadIdx.x);
   if (s < slots) {
     ids_s[s] = ids[s];
-    if (weights && !isfinite(weights[s])) detail::report(status, device_error_non_finite_weight, s / top_k);
+    if (weights && !isfinite(weights[s])) report(status, device_error_non_finite_weight, s / top_k);
   }
   __syncthreads();
-  if (s < slots) {
-    int const e = ids_s[s];
-    int key = e < 0 ? num_experts : e;
-    if (e < -1 || e >= num_experts) {
-      detail::report(status, device_error_expert_out_of_range, s / top_k);
-      key = num_experts;
-    } else if (e >= 0) {
-      bool twice = false;
-      for (int j = s - s % top_k; j < s; ++j) twice |= ids_s[j] == e;
-      if (twice) detail::report(status, device_error_duplicate_expert, s / top_k);
-    }
-    keys[s] = key;
-  }
+  if (s < slots) keys[s] = staged_slot_key(ids_s, s, top_k, num_experts, status);
   __syncthreads();
   if (s < slots) {
     int const key = keys[s];
@@ -196,11 +190,20 @@ static __global__ void __launch_bounds__(THREADS)
     sorted_slots[p] = s;
     position[s] = key < num_experts ? p : -1;
   }
-  for (int e = s; e <= num_experts; e += THREADS) {
+  for (int e = s; e <= num_experts; e += static_cast<int>(blockDim.x)) {
     int below = 0;
     for (int j = 0; j < slots; ++j) below += keys[j] < e;
     offsets[e] = below;
   }
+}
+}  // namespace detail
+
+template <int THREADS>
+static __global__ void __launch_bounds__(THREADS)
+    tiny_layout_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights, int slots, int top_k, int num_experts,
+                       std::int32_t* __restrict__ sorted_slots, std::int32_t* __restrict__ position,
+                       std::int64_t* __restrict__ offsets, device_status* status) {
+  detail::tiny_layout_in_block<THREADS>(ids, weights, slots, top_k, num_experts, sorted_slots, position, offsets, status);
 }
 
 /// Most slots the tiny layout takes (one thread a slot).

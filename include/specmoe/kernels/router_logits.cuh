@@ -18,15 +18,12 @@ inline constexpr int router_logits_max_tokens = 8;
 namespace detail {
 inline constexpr int router_logits_warps = 8;  // experts per block
 
-/// logits[t * E + e] = sum_h router[e, h] * x[t, h] (fp32 accumulate; each lane sums its 8-column
-/// chunks in order, then a butterfly across lanes).
+/// logits[t * E + e] = sum_h router[e, h] * x[t, h] for t < n <= N, by one warp (fp32 accumulate;
+/// each lane sums its 8-column chunks in order, then a butterfly across lanes).
 template <int N>
-static __global__ void __launch_bounds__(router_logits_warps * 32)
-    router_logits_kernel(__nv_bfloat16 const* __restrict__ router, std::int64_t stride, int E, int H,
-                         __nv_bfloat16 const* __restrict__ x, int n, float* __restrict__ logits) {
+__device__ inline void router_logits_of_expert(__nv_bfloat16 const* __restrict__ router, std::int64_t stride, int E, int H,
+                                               __nv_bfloat16 const* __restrict__ x, int n, int e, float* __restrict__ logits) {
   int const lane = static_cast<int>(threadIdx.x) & 31;
-  int const e = static_cast<int>(blockIdx.x) * router_logits_warps + static_cast<int>(threadIdx.x >> 5);
-  if (e >= E) return;
   auto const* w = router + e * stride;
   float acc[N] = {};
 #pragma unroll 4
@@ -57,6 +54,14 @@ static __global__ void __launch_bounds__(router_logits_warps * 32)
       if (t == lane && t < n) logits[static_cast<std::int64_t>(t) * E + e] = acc[t];
     }
   }
+}
+
+template <int N>
+static __global__ void __launch_bounds__(router_logits_warps * 32)
+    router_logits_kernel(__nv_bfloat16 const* __restrict__ router, std::int64_t stride, int E, int H,
+                         __nv_bfloat16 const* __restrict__ x, int n, float* __restrict__ logits) {
+  int const e = static_cast<int>(blockIdx.x) * router_logits_warps + static_cast<int>(threadIdx.x >> 5);
+  if (e < E) router_logits_of_expert<N>(router, stride, E, H, x, n, e, logits);
 }
 }  // namespace detail
 

@@ -7,6 +7,7 @@
 #include <specmoe/core/error.hpp>
 #include <specmoe/core/expert_weights.hpp>
 #include <specmoe/kernels/combine.cuh>
+#include <specmoe/kernels/decode_routing.cuh>
 #include <specmoe/kernels/gate.cuh>
 #include <specmoe/kernels/grouped_gemm.cuh>
 #include <specmoe/kernels/layout.cuh>
@@ -139,7 +140,8 @@ struct cuda_routing_output {
 };
 
 /// @brief The single-GPU layer: gate (cuBLAS logits + fused top-k), layout (stable radix sort),
-/// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine.
+/// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine. Decode steps
+/// (up to 8 bf16 tokens, 64 slots, 256 experts) route in one launch (kernels/decode_routing.cuh).
 ///
 /// `forward_async` only enqueues work on the caller's stream (capturable in a CUDA graph); bad
 /// input found on the device (NaN logits, expert ids out of range, non-finite routing weights)
@@ -210,11 +212,21 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto const H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
     auto const n = batch.x.rows;
     detail::check_cuda_forward<T>(batch.x, out, batch.routing, H, k, options_.max_tokens);
-    SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
-                                     stream));
-    if (n == 0) return;
     using dev_t = std::conditional_t<fp32, float, __nv_bfloat16>;
     auto const* x = reinterpret_cast<dev_t const*>(batch.x.data);
+    auto const gate = kernels::gate_params::from(config_, bias_);
+    auto const& router = weights_.router.weight;
+    auto const* router_w = reinterpret_cast<__nv_bfloat16 const*>(router.data);
+    // decode: router logits, gate and layout in one launch, which also writes the status word
+    bool fused_routing = false;
+    if constexpr (!fp32) {
+      fused_routing = !batch.routing && n > 0 && kernels::decode_routing_supported(router_w, router.stride, H, x, n, gate);
+    }
+    if (!fused_routing) {
+      SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
+                                       stream));
+    }
+    if (n == 0) return;
     std::int32_t const* ids = nullptr;
     float const* weights = nullptr;
     if (batch.routing) {
@@ -223,19 +235,36 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     } else {
       auto* out_ids = routing_out.topk_ids ? routing_out.topk_ids : ids_;
       auto* out_weights = routing_out.topk_weights ? routing_out.topk_weights : topk_weights_;
-      enqueue_gate(x, n, out_ids, out_weights, stream);
+      if constexpr (!fp32) {
+        if (fused_routing) {
+          SPECMOE_CUDA_TRY(kernels::launch_decode_routing(router_w, router.stride, H, x, n, logits_, gate, out_ids, out_weights,
+                                                          layout_, status_, arrivals_, stream));
+        }
+      }
+      if (!fused_routing) enqueue_gate(x, n, out_ids, out_weights, stream);
       ids = out_ids;
       weights = out_weights;
     }
-    SPECMOE_CUDA_TRY(kernels::launch_layout(ids, weights, n, k, E, layout_, status_, stream));
+    if (!fused_routing) SPECMOE_CUDA_TRY(kernels::launch_layout(ids, weights, n, k, E, layout_, status_, stream));
     auto const rows = n * k;
-    SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
     // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
     bool const own_tables = !options_.expert_tables;
-    SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
-                                                            gate_up_ld_, H, config_.ffn_size, h_, stream,
-                                                            kernels::grouped_gemm_path::automatic,
-                                                            own_tables ? &gate_up_maps_ : nullptr));
+    auto const* gate_up_maps = own_tables ? &gate_up_maps_ : nullptr;
+    // Decode: the stream path reads each slot's token row itself, so no gather launch (bf16 rows).
+    bool const gather_in_gemm = !fp32 && kernels::automatic_grouped_gemm_path(E, rows, 2, gate_up_maps) ==
+                                             kernels::grouped_gemm_path::stream;
+    if (gather_in_gemm) {
+      if constexpr (!fp32) {
+        SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(x, kernels::row_gather{layout_.sorted_slots, k}, layout_.offsets, E,
+                                                                rows, gate_table_, up_table_, gate_up_ld_, H, config_.ffn_size, h_,
+                                                                stream, kernels::grouped_gemm_path::automatic, gate_up_maps));
+      }
+    } else {
+      SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
+      SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_, gate_up_ld_, H,
+                                                              config_.ffn_size, h_, stream, kernels::grouped_gemm_path::automatic,
+                                                              gate_up_maps));
+    }
     // expert outputs: bf16 for bf16 activations, fp32 for fp32 ones (combined in fp32 either way)
     auto* y = reinterpret_cast<dev_t*>(y_);
     auto* shared_y = reinterpret_cast<dev_t*>(shared_y_);
@@ -362,7 +391,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     workspace_bytes_ = size(2 * sizeof(kernels::device_status)) + size(N * E * 4) + size(slots * 4) * 7 +
                        size((E + 1) * 8) + size(sort_bytes) + size(slots * H * 2) + size(slots * F * 2) +
                        size(slots * H * y_elem) + size(3 * E * sizeof(void*)) + size(3 * S * sizeof(void*)) + size(16) +
-                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + cublas_ws +
+                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + size(16) + cublas_ws +
                        (f32 ? size(E * H * 4) + size(S > 0 ? N * H * 2 : 0) : 0);
     SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, workspace_bytes_));
     auto* cursor = static_cast<std::byte*>(workspace_);
@@ -398,6 +427,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       bias_ = carve<float>(cursor, E);
       SPECMOE_CUDA_TRY(cudaMemcpy(bias_, weights_.router.score_bias.data(), E * 4, cudaMemcpyDefault));
     }
+    arrivals_ = carve<unsigned>(cursor, 4);
+    SPECMOE_CUDA_TRY(cudaMemset(arrivals_, 0, 16));
     cublas_workspace_ = carve<std::byte>(cursor, cublas_ws);
     if (f32) {
       router_f32_ = carve<float>(cursor, E * H);
@@ -511,6 +542,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   float* router_f32_ = nullptr;    // fp32_activations: the router weights widened, [E, H]
   __nv_bfloat16* x_bf16_ = nullptr;  // fp32_activations with shared experts: x rounded to bf16
   float* bias_ = nullptr;
+  unsigned* arrivals_ = nullptr;  // the fused decode routing's block counter (zero between launches)
   std::byte* cublas_workspace_ = nullptr;
   kernels::grouped_weight_maps gate_up_maps_, down_maps_;
   std::vector<kernels::grouped_weight_maps> shared_maps_;  // per shared expert: gate_up, down
