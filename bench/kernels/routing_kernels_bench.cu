@@ -12,6 +12,9 @@
 //   with programmatic dependent launch, waiting at its start; kernel_pdl_trigger: also releasing
 //   its dependent right after; memcpy16 / memset16: the 16-byte status reset as a copy or a set),
 //   time per node.
+// decode_routing/<shape>/<tokens> (1-8 tokens): router logits, gate and layout of a decode step in
+//   one launch (kernels/decode_routing.cuh), beside routing_chain/<shape>/<tokens>: the same three
+//   as separate launches with the status reset before them, as the layer ran them before.
 // Each row is one step captured in a CUDA graph and replayed 20 times back to back (data stay in
 // L2 where they fit, as inside the layer): the time per step includes the launch gaps the layer
 // pays. Counters: GBps = bytes the step must move / time; x_floor = time / (bytes / HBM copy
@@ -20,6 +23,7 @@
 
 #include <specmoe/core/moe_config.hpp>
 #include <specmoe/kernels/combine.cuh>
+#include <specmoe/kernels/decode_routing.cuh>
 #include <specmoe/kernels/gate.cuh>
 #include <specmoe/kernels/layout.cuh>
 #include <specmoe/kernels/permute.cuh>
@@ -238,6 +242,39 @@ void combine(benchmark::State& state, int which) {
   });
 }
 
+/// The decode step's routing from x: fused (one launch) or as the chain of three plus the reset.
+void decode_routing(benchmark::State& state, int which, bool fused) {
+  fixture f(which, state.range(0));
+  auto const E = f.cfg.num_experts, H = f.cfg.hidden_size, k = f.cfg.top_k;
+  auto const p = kernels::gate_params::from(f.cfg, f.bias);
+  auto* router = sb::random_device_bf16(static_cast<std::size_t>(E) * H, 7, 0.05f);
+  auto* arrivals = device_alloc<unsigned>(1);
+  auto* clean = device_alloc<kernels::device_status>(1);
+  SPECMOE_BENCH_CUDA(cudaMemset(arrivals, 0, sizeof(unsigned)));
+  SPECMOE_BENCH_CUDA(cudaMemset(clean, 0, sizeof(kernels::device_status)));
+  if (!kernels::decode_routing_supported(router, H, H, f.x, f.n, p)) {
+    state.SkipWithError("outside the fused routing's range");
+    for (auto _ : state) {
+    }
+  } else {
+    double const bytes = static_cast<double>(E) * H * 2 + static_cast<double>(f.n) * H * 2;  // router and x read once
+    run(state, f, bytes, [&](cudaStream_t s) {
+      if (fused) {
+        SPECMOE_BENCH_CUDA(kernels::launch_decode_routing(router, H, H, f.x, f.n, f.logits, p, f.ids, f.weights, f.layout, f.status,
+                                                          arrivals, s));
+      } else {
+        SPECMOE_BENCH_CUDA(cudaMemcpyAsync(f.status, clean, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice, s));
+        SPECMOE_BENCH_CUDA(kernels::launch_router_logits(router, H, E, H, f.x, f.n, f.logits, s));
+        SPECMOE_BENCH_CUDA(kernels::launch_topk_gate(f.logits, f.n, p, f.ids, f.weights, f.status, s));
+        SPECMOE_BENCH_CUDA(kernels::launch_layout(f.ids, f.weights, f.n, k, E, f.layout, f.status, s));
+      }
+    });
+  }
+  cudaFree(router);
+  cudaFree(arrivals);
+  cudaFree(clean);
+}
+
 void register_all() {
   char const* names[] = {"mixtral", "qwen3", "dsv3"};
   for (int w = 0; w < 3; ++w) {
@@ -253,6 +290,12 @@ void register_all() {
     add("layout_device_sort", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::device_sort); });
     add("gather", [w](benchmark::State& s) { gather(s, w); });
     add("combine", [w](benchmark::State& s) { combine(s, w); });
+    for (bool const fused : {true, false}) {
+      auto* b = benchmark::RegisterBenchmark((std::string(fused ? "decode_routing/" : "routing_chain/") + names[w]).c_str(),
+                                             [w, fused](benchmark::State& s) { decode_routing(s, w, fused); });
+      for (long long t : {1, 2, 4, 8}) b->Arg(t);
+      b->UseManualTime()->Unit(benchmark::kMicrosecond);
+    }
   }
   std::pair<char const*, node_kind> const kinds[] = {{"kernel", node_kind::kernel},
                                                      {"kernel_pdl", node_kind::kernel_pdl},

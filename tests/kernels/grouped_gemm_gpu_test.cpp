@@ -463,6 +463,87 @@ TEST_CASE("grouped_gemm: the stream path reading rows through an index equals th
   }
 }
 
+TEST_CASE("grouped_gemm: the stream down GEMM with the combine folded in gives y and the combine's bits, twice in a row") {
+  int dev_count = 0;
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  std::mt19937_64 rng(31);
+  for (auto const& pr : {problem{8, 16, 16, 256, 128, 136, sizes_kind::random, true},
+                         problem{128, 64, 60, 512, 256, 256, sizes_kind::with_empty, true},
+                         problem{32, 8, 8, 128, 64, 64, sizes_kind::one_holds_all, false}}) {
+    fixture fx(pr, rng);
+    int const k = 4;
+    long long const tokens = (pr.used + k - 1) / k;
+    // each used row of y belongs to one slot; slots past `used` are empty (-1)
+    std::vector<std::int32_t> rows_of(static_cast<std::size_t>(pr.used)), position(static_cast<std::size_t>(tokens * k), -1);
+    for (std::size_t m = 0; m < rows_of.size(); ++m) rows_of[m] = static_cast<std::int32_t>(m);
+    std::shuffle(rows_of.begin(), rows_of.end(), rng);
+    for (std::size_t i = 0; i < rows_of.size(); ++i) position[i] = rows_of[i];
+    std::vector<float> weights(position.size());
+    std::uniform_real_distribution<float> wd(0.05f, 0.6f);
+    for (auto& w : weights) w = wd(rng);
+    int const num_shared = pr.G == 8 ? 1 : 0;
+    auto const shared = random_vec(rng, static_cast<std::size_t>(num_shared * tokens * pr.N), 1.0f);
+    long long const out_stride = pr.N + 8;
+    dev_buf<std::int32_t> d_pos(position.size());
+    dev_buf<float> d_w(weights.size());
+    dev_buf<bf16> d_shared(shared.size()), d_out(static_cast<std::size_t>(tokens * out_stride));
+    dev_buf<int> d_status(1);
+    dev_buf<unsigned> d_arrivals(static_cast<std::size_t>(gg_test::combine_arrivals(pr.N)));
+    GG_CHECK(cudaMemcpy(d_pos.p, position.data(), position.size() * 4, cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemcpy(d_w.p, weights.data(), weights.size() * 4, cudaMemcpyHostToDevice));
+    if (!shared.empty()) GG_CHECK(cudaMemcpy(d_shared.p, shared.data(), shared.size() * 2, cudaMemcpyHostToDevice));
+    GG_CHECK(cudaMemset(d_arrivals.p, 0, d_arrivals.n * 4));
+    for (int rep = 0; rep < 3; ++rep) {
+      bool const flagged = rep == 2;  // bad input flagged earlier in the forward: out stays as it was
+      std::string const what = describe(pr) + " rep=" + std::to_string(rep);
+      INFO(what);
+      int const bits = flagged ? 2 : 0;
+      GG_CHECK(cudaMemcpy(d_status.p, &bits, 4, cudaMemcpyHostToDevice));
+      fx.poison();
+      GG_CHECK(cudaMemset(d_out.p, 0xFF, d_out.n * 2));
+      GG_CHECK(fx.gate_up(path::stream, nullptr));
+      GG_CHECK(gg_test::down_combine(fx.d_h.p, fx.d_off.p, pr.G, pr.M_total, fx.d_pd.p, fx.ld_down, pr.F, pr.N, fx.d_y.p, d_pos.p, d_w.p,
+                                     tokens, k, num_shared ? d_shared.p : nullptr, num_shared, d_out.p, out_stride, d_status.p,
+                                     d_arrivals.p, nullptr, path::stream));
+      GG_CHECK(fx.down_f32(path::stream, nullptr));  // (fx.check compares h, the fused launch's y and this with the host)
+      GG_CHECK(cudaDeviceSynchronize());
+      std::vector<bf16> y(fx.d_y.n), out(d_out.n);
+      std::vector<unsigned> arrivals(d_arrivals.n);
+      GG_CHECK(cudaMemcpy(y.data(), fx.d_y.p, y.size() * 2, cudaMemcpyDeviceToHost));
+      GG_CHECK(cudaMemcpy(out.data(), d_out.p, out.size() * 2, cudaMemcpyDeviceToHost));
+      GG_CHECK(cudaMemcpy(arrivals.data(), d_arrivals.p, arrivals.size() * 4, cudaMemcpyDeviceToHost));
+      CHECK(std::all_of(arrivals.begin(), arrivals.end(), [](unsigned a) { return a == 0; }));
+      std::size_t mismatched = 0;
+      for (long long t = 0; t < tokens; ++t) {
+        for (long long c = 0; c < out_stride; ++c) {
+          auto const got = out[static_cast<std::size_t>(t * out_stride + c)].bits;
+          if (flagged || c >= pr.N) {  // untouched: flagged input, or past the row
+            mismatched += got != 0xFFFF;
+            continue;
+          }
+          float acc = 0.0f;  // the combine's arithmetic: gate order, rounded products and sums
+          for (int j = 0; j < k; ++j) {
+            auto const row = position[static_cast<std::size_t>(t * k + j)];
+            if (row < 0) continue;
+            acc = acc + weights[static_cast<std::size_t>(t * k + j)] * to_f(y[static_cast<std::size_t>(row * pr.N + c)]);
+          }
+          for (int sh = 0; sh < num_shared; ++sh) acc = acc + to_f(shared[static_cast<std::size_t>((sh * tokens + t) * pr.N + c)]);
+          mismatched += got != bf16(acc).bits;
+        }
+      }
+      CHECK(mismatched == 0);
+      fx.check(what);
+    }
+    // the other paths do not fold the combine: refused, nothing launched
+    CHECK(gg_test::down_combine(fx.d_h.p, fx.d_off.p, pr.G, pr.M_total, fx.d_pd.p, fx.ld_down, pr.F, pr.N, fx.d_y.p, d_pos.p, d_w.p,
+                                tokens, k, nullptr, 0, d_out.p, out_stride, d_status.p, d_arrivals.p, nullptr,
+                                path::mma) == cudaErrorInvalidValue);
+    CHECK(gg_test::down_combine(fx.d_h.p, fx.d_off.p, pr.G, pr.M_total, fx.d_pd.p, fx.ld_down, pr.F, pr.N, fx.d_y.p, d_pos.p, d_w.p,
+                                tokens, k, nullptr, 0, d_out.p, out_stride, d_status.p, nullptr, nullptr,
+                                path::stream) == cudaErrorInvalidValue);
+  }
+}
+
 TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
   int dev_count = 0;
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure

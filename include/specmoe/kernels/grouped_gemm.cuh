@@ -61,6 +61,25 @@ struct row_gather {
   int divisor = 1;
 };
 
+/// The combine folded into the down GEMM's stream path (decode: one launch less). Once every
+/// group's block of a band of 16 output columns has written its y columns, the last of them writes
+/// out[t, c] = Y(sum_j weights[t, j] * y[position[t, j], c] + sum_s shared[s][t, c]) for t < tokens
+/// and those columns: launch_combine's arithmetic and order (combine.cuh), so the same bits. It
+/// writes nothing when status->bits is set (bad input flagged earlier).
+template <class Y>
+struct fused_combine {
+  std::int32_t const* position = nullptr;  ///< [tokens, top_k] row of y of each slot (-1: empty)
+  float const* weights = nullptr;          ///< [tokens, top_k]
+  long long tokens = 0;
+  int top_k = 0;
+  Y const* shared = nullptr;  ///< [num_shared, tokens, N] shared experts' outputs, or null
+  int num_shared = 0;
+  Y* out = nullptr;  ///< [tokens, N] with row stride out_stride
+  long long out_stride = 0;
+  int const* status_bits = nullptr;  ///< the forward's status word (device_status::bits)
+  unsigned* arrivals = nullptr;      ///< [ceil(N / 16)] counters, zero between launches (the last block resets)
+};
+
 /// Scratch the grouped GEMMs need: none (each block scans the offsets itself).
 constexpr std::size_t grouped_gemm_workspace_bytes(int /*G*/, std::int64_t /*M_total*/) noexcept { return 0; }
 
@@ -305,36 +324,11 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, row_gath
   }
 }
 
+/// One warp's output rows n_first .. n_first + stream_rpw - 1 of group g (rows mb .. me - 1 of a).
 template <int NMAT, class OutT>
-__global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
-                                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
-                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out,
-                                                                  row_gather gather) {
-  using scan_t = cub::BlockScan<int, threads>;
-  __shared__ typename scan_t::TempStorage scan_storage;
-  __shared__ int s_group;
-  int const tid = threadIdx.x;
-  int const want = static_cast<int>(blockIdx.y);  // the want-th non-empty group
-  if (tid == 0) s_group = -1;
-  __syncthreads();
-  int carry = 0;
-  for (int base = 0; base < G; base += threads) {
-    int const g = base + tid;
-    int const flag = (g < G && offsets[g + 1] > offsets[g]) ? 1 : 0;
-    int excl = 0, total = 0;
-    scan_t(scan_storage).ExclusiveSum(flag, excl, total);
-    if (flag && carry + excl == want) s_group = g;
-    carry += total;
-    __syncthreads();
-    if (carry > want) break;  // uniform: every thread holds the same carry
-  }
-  int const g = s_group;
-  if (g < 0) return;
-
-  std::int64_t const mb = offsets[g], me = offsets[g + 1];
-  int const warp = tid >> 5;
-  int const n_first = blockIdx.x * stream_rows_per_block + warp * stream_rpw;
-  if (n_first >= N) return;
+__device__ __forceinline__ void stream_group_rows(bf16 const* __restrict__ a, row_gather gather, std::int64_t mb, std::int64_t me, int g,
+                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1, std::int64_t ld,
+                                                  int K, int N, int n_first, OutT* __restrict__ out) {
   bf16 const* wrow[stream_rpw][NMAT];
   bool nvalid[stream_rpw];
   bf16 const* const base0 = w0[g];
@@ -357,6 +351,70 @@ __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __r
       stream_rows<NMAT, 4>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     } else {
       stream_rows<NMAT, 8>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    }
+  }
+}
+
+/// The last block of a column band to arrive sums each token's slots for those columns (fused_combine).
+template <class Y>
+__device__ __forceinline__ void combine_band(fused_combine<Y> const& fc, Y const* y, int N, int col0) {
+  if (__ldcg(fc.status_bits) != 0) return;
+  int const k = fc.top_k;
+  for (long long i = threadIdx.x; i < fc.tokens * stream_rows_per_block; i += threads) {
+    long long const t = i / stream_rows_per_block;
+    int const c = col0 + static_cast<int>(i % stream_rows_per_block);
+    if (c >= N) continue;
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      int const row = __ldcg(fc.position + t * k + j);
+      if (row < 0) continue;
+      float const w = __ldcg(fc.weights + t * k + j);
+      float const v = static_cast<float>(__ldcg(y + static_cast<long long>(row) * N + c));
+      acc = __fadd_rn(acc, __fmul_rn(w, v));
+    }
+    for (int sh = 0; sh < fc.num_shared; ++sh) acc = __fadd_rn(acc, static_cast<float>(__ldcg(fc.shared + (sh * fc.tokens + t) * N + c)));
+    store_one(fc.out + t * fc.out_stride + c, acc);
+  }
+}
+
+template <int NMAT, class OutT, bool COMBINE>
+__global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
+                                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
+                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out,
+                                                                  row_gather gather, fused_combine<OutT> fc) {
+  using scan_t = cub::BlockScan<int, threads>;
+  __shared__ typename scan_t::TempStorage scan_storage;
+  __shared__ int s_group;
+  int const tid = threadIdx.x;
+  int const want = static_cast<int>(blockIdx.y);  // the want-th non-empty group
+  if (tid == 0) s_group = -1;
+  __syncthreads();
+  int carry = 0;
+  for (int base = 0; base < G; base += threads) {
+    int const g = base + tid;
+    int const flag = (g < G && offsets[g + 1] > offsets[g]) ? 1 : 0;
+    int excl = 0, total = 0;
+    scan_t(scan_storage).ExclusiveSum(flag, excl, total);
+    if (flag && carry + excl == want) s_group = g;
+    carry += total;
+    __syncthreads();
+    if (carry > want) break;  // uniform: every thread holds the same carry
+  }
+  int const g = s_group;
+  int const warp = tid >> 5;
+  int const n_first = blockIdx.x * stream_rows_per_block + warp * stream_rpw;
+  if (g >= 0 && n_first < N) stream_group_rows<NMAT>(a, gather, offsets[g], offsets[g + 1], g, w0, w1, ld, K, N, n_first, out);
+  if constexpr (COMBINE) {
+    // Count this block in its column band once its y columns are out; the last one combines.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(fc.arrivals + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (last) {
+      __threadfence();
+      if (tid == 0) fc.arrivals[blockIdx.x] = 0;
+      combine_band(fc, out, N, static_cast<int>(blockIdx.x) * stream_rows_per_block);
     }
   }
 }
@@ -562,7 +620,7 @@ inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total
 template <int NMAT, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0,
                    bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path,
-                   grouped_weight_maps const* maps, row_gather gather = {}) {
+                   grouped_weight_maps const* maps, row_gather gather = {}, fused_combine<OutT> const* combine = nullptr) {
   if (G < 1 || G > 16384 || M_total < 0 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || ld < K || ld % 8 != 0 || !a || !offsets ||
       !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out)) {
     return cudaErrorInvalidValue;
@@ -574,6 +632,11 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
   grouped_gemm_path const chosen = choose(path, G, M_total, NMAT, wgmma_ok);
   if (gather.index && (chosen != grouped_gemm_path::stream || gather.divisor < 1)) return cudaErrorInvalidValue;
+  if (combine && (chosen != grouped_gemm_path::stream || NMAT != 1 || !combine->position || !combine->weights || !combine->out ||
+                  !combine->status_bits || !combine->arrivals || combine->top_k < 1 || combine->tokens < 0 ||
+                  combine->out_stride < N || (combine->num_shared > 0 && !combine->shared))) {
+    return cudaErrorInvalidValue;
+  }
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
@@ -584,7 +647,12 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
-    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, gather);
+    if (combine) {
+      grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, gather, *combine);
+    } else {
+      grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, gather,
+                                                                             fused_combine<OutT>{});
+    }
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));
@@ -653,6 +721,26 @@ inline cudaError_t launch_grouped_down(__nv_bfloat16 const* h, std::int64_t cons
                                        __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, float* y, cudaStream_t stream,
                                        grouped_gemm_path path = grouped_gemm_path::automatic, grouped_weight_maps const* maps = nullptr) {
   return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path, maps);
+}
+
+/// launch_grouped_down with the combine folded in (fused_combine; decode): y as above, then
+/// combine.out. The stream path only: cudaErrorInvalidValue where `path` (automatic: as
+/// automatic_grouped_gemm_path(G, M_total, 1, maps)) is another, or a combine field is missing.
+/// Launches sharing combine.arrivals must be ordered on one stream.
+template <class Y>
+  requires(std::is_same_v<Y, __nv_bfloat16> || std::is_same_v<Y, float>)
+inline cudaError_t launch_grouped_down_combine(__nv_bfloat16 const* h, std::int64_t const* offsets, int G, std::int64_t M_total,
+                                               __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, Y* y,
+                                               fused_combine<Y> const& combine, cudaStream_t stream,
+                                               grouped_gemm_path path = grouped_gemm_path::automatic,
+                                               grouped_weight_maps const* maps = nullptr) {
+  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path, maps, row_gather{},
+                                        &combine);
+}
+
+/// Counters fused_combine::arrivals needs for N_out output columns.
+constexpr std::int64_t fused_combine_arrivals(std::int64_t N_out) {
+  return (N_out + grouped_gemm_detail::stream_rows_per_block - 1) / grouped_gemm_detail::stream_rows_per_block;
 }
 
 }  // namespace specmoe::kernels
