@@ -43,12 +43,6 @@ cudaError_t gate_up(void const* x, std::int64_t const* offsets, int G, std::int6
                                            reinterpret_cast<dbf16 const* const*>(w_up), ld, K, F, static_cast<dbf16*>(h), stream, to_sk(p),
                                            raw(maps));
 }
-cudaError_t gate_up_gathered(void const* x, std::int32_t const* index, int divisor, std::int64_t const* offsets, int G,
-                             std::int64_t M_total, void const* const* w_gate, void const* const* w_up, std::int64_t ld, int K, int F,
-                             void* h, cudaStream_t stream, path p, weight_maps const* maps) {
-  return sk::launch_grouped_gate_up_swiglu(static_cast<dbf16 const*>(x), sk::row_gather{index, divisor}, offsets, G, M_total,
-                                           table(w_gate), table(w_up), ld, K, F, static_cast<dbf16*>(h), stream, to_sk(p), raw(maps));
-}
 cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,
                  int F, int N, void* y_bf16, cudaStream_t stream, path p, weight_maps const* maps) {
   return sk::launch_grouped_down(static_cast<dbf16 const*>(h), offsets, G, M_total, reinterpret_cast<dbf16 const* const*>(w_down), ld, F,
@@ -59,16 +53,6 @@ cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int
   return sk::launch_grouped_down(static_cast<dbf16 const*>(h), offsets, G, M_total, reinterpret_cast<dbf16 const* const*>(w_down), ld, F,
                                  N, y, stream, to_sk(p), raw(maps));
 }
-cudaError_t down_combine(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down,
-                         std::int64_t ld, int F, int N, void* y_bf16, std::int32_t const* position, float const* weights,
-                         long long tokens, int top_k, void const* shared, int num_shared, void* out, long long out_stride,
-                         int const* status_bits, unsigned* arrivals, cudaStream_t stream, path p) {
-  sk::fused_combine<dbf16> const fc{position, weights, tokens, top_k, static_cast<dbf16 const*>(shared), num_shared,
-                                    static_cast<dbf16*>(out), out_stride, status_bits, arrivals};
-  return sk::launch_grouped_down_combine(static_cast<dbf16 const*>(h), offsets, G, M_total, table(w_down), ld, F, N,
-                                         static_cast<dbf16*>(y_bf16), fc, stream, to_sk(p));
-}
-std::int64_t combine_arrivals(std::int64_t N) { return sk::fused_combine_arrivals(N); }
 std::size_t workspace_bytes(int G, std::int64_t M_total) { return sk::grouped_gemm_workspace_bytes(G, M_total); }
 
 }  // namespace gg_test

@@ -30,21 +30,10 @@ cudaError_t maps_status(weight_maps const* m);
 cudaError_t gate_up(void const* x, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_gate,
                     void const* const* w_up, std::int64_t ld, int K, int F, void* h, cudaStream_t stream, path p,
                     weight_maps const* maps);
-/// gate_up with the input rows read through index: row m is x[index[m] / divisor] (stream path only).
-cudaError_t gate_up_gathered(void const* x, std::int32_t const* index, int divisor, std::int64_t const* offsets, int G,
-                             std::int64_t M_total, void const* const* w_gate, void const* const* w_up, std::int64_t ld, int K, int F,
-                             void* h, cudaStream_t stream, path p, weight_maps const* maps);
 cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,
                  int F, int N, void* y_bf16, cudaStream_t stream, path p, weight_maps const* maps);
 cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down,
                      std::int64_t ld, int F, int N, float* y, cudaStream_t stream, path p, weight_maps const* maps);
-/// down (bf16 y) with the combine folded in: out [tokens, N] (row stride out_stride) from y,
-/// position / weights [tokens, top_k] and shared [num_shared, tokens, N] (or null).
-cudaError_t down_combine(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down,
-                         std::int64_t ld, int F, int N, void* y_bf16, std::int32_t const* position, float const* weights,
-                         long long tokens, int top_k, void const* shared, int num_shared, void* out, long long out_stride,
-                         int const* status_bits, unsigned* arrivals, cudaStream_t stream, path p);
-std::int64_t combine_arrivals(std::int64_t N);
 std::size_t workspace_bytes(int G, std::int64_t M_total);
 
 }  // namespace gg_test

@@ -53,33 +53,6 @@ namespace specmoe::kernels {
 /// device and an sm_90a build (else cudaErrorInvalidValue / cudaErrorNotSupported).
 enum class grouped_gemm_path { automatic, stream, mma, wgmma };
 
-/// Input rows read through an index instead of in place (the stream path gathers for itself):
-/// row m of the GEMM's input is x[index[m] / divisor], x dense with K columns. Decode passes the
-/// layout's sorted slots and top_k, which saves the gather's launch (launch_grouped_gate_up_swiglu).
-struct row_gather {
-  std::int32_t const* index = nullptr;  ///< [M_total] device; null: rows in place
-  int divisor = 1;
-};
-
-/// The combine folded into the down GEMM's stream path (decode: one launch less). Once every
-/// group's block of a band of 16 output columns has written its y columns, the last of them writes
-/// out[t, c] = Y(sum_j weights[t, j] * y[position[t, j], c] + sum_s shared[s][t, c]) for t < tokens
-/// and those columns: launch_combine's arithmetic and order (combine.cuh), so the same bits. It
-/// writes nothing when status->bits is set (bad input flagged earlier).
-template <class Y>
-struct fused_combine {
-  std::int32_t const* position = nullptr;  ///< [tokens, top_k] row of y of each slot (-1: empty)
-  float const* weights = nullptr;          ///< [tokens, top_k]
-  long long tokens = 0;
-  int top_k = 0;
-  Y const* shared = nullptr;  ///< [num_shared, tokens, N] shared experts' outputs, or null
-  int num_shared = 0;
-  Y* out = nullptr;  ///< [tokens, N] with row stride out_stride
-  long long out_stride = 0;
-  int const* status_bits = nullptr;  ///< the forward's status word (device_status::bits)
-  unsigned* arrivals = nullptr;      ///< [ceil(N / 16)] counters, zero between launches (the last block resets)
-};
-
 /// Scratch the grouped GEMMs need: none (each block scans the offsets itself).
 constexpr std::size_t grouped_gemm_workspace_bytes(int /*G*/, std::int64_t /*M_total*/) noexcept { return 0; }
 
@@ -241,20 +214,13 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], unsigned const (&a)[4], 
 // y-th non-empty group. Each warp owns `rpw` output rows of each of the NMAT matrices (NMAT = 2:
 // gate and up), streams them once per chunk of up to 8 group rows, and reduces across lanes.
 // ------------------------------------------------------------------------------------------
-#ifndef SPECMOE_STREAM_RPW
-#define SPECMOE_STREAM_RPW 2
-#endif
-#ifndef SPECMOE_STREAM_UNROLL
-#define SPECMOE_STREAM_UNROLL 2
-#endif
-inline constexpr int stream_unroll = SPECMOE_STREAM_UNROLL;
-inline constexpr int stream_rpw = SPECMOE_STREAM_RPW;                                  // output rows per warp
+inline constexpr int stream_rpw = 2;                                  // output rows per warp
 inline constexpr int stream_rows_per_block = stream_rpw * threads / 32;  // 16
 
 template <int NMAT, int R, class OutT>
-__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, row_gather gather, std::int64_t m0, int rows,
-                                            bf16 const* const (&wrow)[stream_rpw][NMAT], bool const (&nvalid)[stream_rpw], int n_first,
-                                            int K, OutT* __restrict__ out, std::int64_t ldo) {
+__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int64_t m0, int rows, bf16 const* const (&wrow)[stream_rpw][NMAT],
+                                            bool const (&nvalid)[stream_rpw], int n_first, int K, OutT* __restrict__ out,
+                                            std::int64_t ldo) {
   int const lane = threadIdx.x & 31;
   float acc[stream_rpw][NMAT][R];
 #pragma unroll
@@ -266,13 +232,9 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, row_gath
 
   bf16 const* xrow[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    std::int64_t const m = m0 + (r < rows ? r : 0);
-    std::int64_t const src = gather.index ? gather.index[m] / gather.divisor : m;
-    xrow[r] = a + src * static_cast<std::int64_t>(K);
-  }
+  for (int r = 0; r < R; ++r) xrow[r] = a + (m0 + (r < rows ? r : 0)) * static_cast<std::int64_t>(K);
 
-#pragma unroll stream_unroll
+#pragma unroll 2
   for (int k = lane * 8; k < K; k += 256) {
     uint4 wv[stream_rpw][NMAT];
 #pragma unroll
@@ -324,64 +286,10 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, row_gath
   }
 }
 
-/// One warp's output rows n_first .. n_first + stream_rpw - 1 of group g (rows mb .. me - 1 of a).
 template <int NMAT, class OutT>
-__device__ __forceinline__ void stream_group_rows(bf16 const* __restrict__ a, row_gather gather, std::int64_t mb, std::int64_t me, int g,
-                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1, std::int64_t ld,
-                                                  int K, int N, int n_first, OutT* __restrict__ out) {
-  bf16 const* wrow[stream_rpw][NMAT];
-  bool nvalid[stream_rpw];
-  bf16 const* const base0 = w0[g];
-  bf16 const* const base1 = NMAT == 2 ? w1[g] : nullptr;
-#pragma unroll
-  for (int i = 0; i < stream_rpw; ++i) {
-    nvalid[i] = n_first + i < N;
-    int const n = nvalid[i] ? n_first + i : n_first;
-    wrow[i][0] = base0 + static_cast<std::int64_t>(n) * ld;
-    if constexpr (NMAT == 2) wrow[i][1] = base1 + static_cast<std::int64_t>(n) * ld;
-  }
-  std::int64_t const ldo = N;
-  for (std::int64_t m0 = mb; m0 < me; m0 += 8) {
-    int const rows = static_cast<int>(me - m0 < 8 ? me - m0 : 8);
-    if (rows == 1) {
-      stream_rows<NMAT, 1>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    } else if (rows == 2) {
-      stream_rows<NMAT, 2>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    } else if (rows <= 4) {
-      stream_rows<NMAT, 4>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    } else {
-      stream_rows<NMAT, 8>(a, gather, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    }
-  }
-}
-
-/// The last block of a column band to arrive sums each token's slots for those columns (fused_combine).
-template <class Y>
-__device__ __forceinline__ void combine_band(fused_combine<Y> const& fc, Y const* y, int N, int col0) {
-  if (__ldcg(fc.status_bits) != 0) return;
-  int const k = fc.top_k;
-  for (long long i = threadIdx.x; i < fc.tokens * stream_rows_per_block; i += threads) {
-    long long const t = i / stream_rows_per_block;
-    int const c = col0 + static_cast<int>(i % stream_rows_per_block);
-    if (c >= N) continue;
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      int const row = __ldcg(fc.position + t * k + j);
-      if (row < 0) continue;
-      float const w = __ldcg(fc.weights + t * k + j);
-      float const v = static_cast<float>(__ldcg(y + static_cast<long long>(row) * N + c));
-      acc = __fadd_rn(acc, __fmul_rn(w, v));
-    }
-    for (int sh = 0; sh < fc.num_shared; ++sh) acc = __fadd_rn(acc, static_cast<float>(__ldcg(fc.shared + (sh * fc.tokens + t) * N + c)));
-    store_one(fc.out + t * fc.out_stride + c, acc);
-  }
-}
-
-template <int NMAT, class OutT, bool COMBINE>
 __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
                                                                   bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
-                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out,
-                                                                  row_gather gather, fused_combine<OutT> fc) {
+                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
   using scan_t = cub::BlockScan<int, threads>;
   __shared__ typename scan_t::TempStorage scan_storage;
   __shared__ int s_group;
@@ -401,20 +309,34 @@ __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __r
     if (carry > want) break;  // uniform: every thread holds the same carry
   }
   int const g = s_group;
+  if (g < 0) return;
+
+  std::int64_t const mb = offsets[g], me = offsets[g + 1];
   int const warp = tid >> 5;
   int const n_first = blockIdx.x * stream_rows_per_block + warp * stream_rpw;
-  if (g >= 0 && n_first < N) stream_group_rows<NMAT>(a, gather, offsets[g], offsets[g + 1], g, w0, w1, ld, K, N, n_first, out);
-  if constexpr (COMBINE) {
-    // Count this block in its column band once its y columns are out; the last one combines.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(fc.arrivals + blockIdx.x, 1u) == gridDim.y - 1;
-    __syncthreads();
-    if (last) {
-      __threadfence();
-      if (tid == 0) fc.arrivals[blockIdx.x] = 0;
-      combine_band(fc, out, N, static_cast<int>(blockIdx.x) * stream_rows_per_block);
+  if (n_first >= N) return;
+  bf16 const* wrow[stream_rpw][NMAT];
+  bool nvalid[stream_rpw];
+  bf16 const* const base0 = w0[g];
+  bf16 const* const base1 = NMAT == 2 ? w1[g] : nullptr;
+#pragma unroll
+  for (int i = 0; i < stream_rpw; ++i) {
+    nvalid[i] = n_first + i < N;
+    int const n = nvalid[i] ? n_first + i : n_first;
+    wrow[i][0] = base0 + static_cast<std::int64_t>(n) * ld;
+    if constexpr (NMAT == 2) wrow[i][1] = base1 + static_cast<std::int64_t>(n) * ld;
+  }
+  std::int64_t const ldo = N;
+  for (std::int64_t m0 = mb; m0 < me; m0 += 8) {
+    int const rows = static_cast<int>(me - m0 < 8 ? me - m0 : 8);
+    if (rows == 1) {
+      stream_rows<NMAT, 1>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else if (rows == 2) {
+      stream_rows<NMAT, 2>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else if (rows <= 4) {
+      stream_rows<NMAT, 4>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else {
+      stream_rows<NMAT, 8>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     }
   }
 }
@@ -620,7 +542,7 @@ inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total
 template <int NMAT, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0,
                    bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path,
-                   grouped_weight_maps const* maps, row_gather gather = {}, fused_combine<OutT> const* combine = nullptr) {
+                   grouped_weight_maps const* maps) {
   if (G < 1 || G > 16384 || M_total < 0 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || ld < K || ld % 8 != 0 || !a || !offsets ||
       !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out)) {
     return cudaErrorInvalidValue;
@@ -631,12 +553,6 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   constexpr bool swiglu = NMAT == 2;
   bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
   grouped_gemm_path const chosen = choose(path, G, M_total, NMAT, wgmma_ok);
-  if (gather.index && (chosen != grouped_gemm_path::stream || gather.divisor < 1)) return cudaErrorInvalidValue;
-  if (combine && (chosen != grouped_gemm_path::stream || NMAT != 1 || !combine->position || !combine->weights || !combine->out ||
-                  !combine->status_bits || !combine->arrivals || combine->top_k < 1 || combine->tokens < 0 ||
-                  combine->out_stride < N || (combine->num_shared > 0 && !combine->shared))) {
-    return cudaErrorInvalidValue;
-  }
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
@@ -647,12 +563,7 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
-    if (combine) {
-      grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, gather, *combine);
-    } else {
-      grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, gather,
-                                                                             fused_combine<OutT>{});
-    }
+    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));
@@ -672,15 +583,6 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
 
 }  // namespace grouped_gemm_detail
 
-/// The path `automatic` takes for a gate_up launch (nmat = 2) or a down launch (nmat = 1) of these
-/// sizes with these maps (or none) on the current device.
-inline grouped_gemm_path automatic_grouped_gemm_path(int G, std::int64_t M_total, int nmat, grouped_weight_maps const* maps) {
-  if (maps && maps->status() != cudaSuccess) maps = nullptr;
-  bool const wgmma_ok = maps && (nmat == 2 ? wgmma_detail::can_launch<true, __nv_bfloat16>(G, M_total)
-                                           : wgmma_detail::can_launch<false, __nv_bfloat16>(G, M_total));
-  return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, nmat, wgmma_ok);
-}
-
 /// h[m, f] = bf16_rn(silu(x_m . Wg[f]) * (x_m . Wu[f])) for every row m < offsets[G], where group g
 /// of row m uses w_gate[g], w_up[g] (device arrays of G device pointers, each [F, K] with row
 /// stride ld). x [M_total, K], h [M_total, F], both bf16 row-major. Fused w13 ([2F, K] per
@@ -692,18 +594,6 @@ inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, std::in
                                                  grouped_gemm_path path = grouped_gemm_path::automatic,
                                                  grouped_weight_maps const* maps = nullptr) {
   return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps);
-}
-
-/// The same with the input rows read through `gather` (row m is x[gather.index[m] / gather.divisor],
-/// x [*, K] dense): the stream path only. cudaErrorInvalidValue where `path` (automatic: as
-/// automatic_grouped_gemm_path(G, M_total, 2, maps)) is not the stream path.
-inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, row_gather gather, std::int64_t const* offsets, int G,
-                                                 std::int64_t M_total, __nv_bfloat16 const* const* w_gate,
-                                                 __nv_bfloat16 const* const* w_up, std::int64_t ld, int K, int F, __nv_bfloat16* h,
-                                                 cudaStream_t stream, grouped_gemm_path path = grouped_gemm_path::automatic,
-                                                 grouped_weight_maps const* maps = nullptr) {
-  if (!gather.index) return cudaErrorInvalidValue;
-  return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps, gather);
 }
 
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row
@@ -721,26 +611,6 @@ inline cudaError_t launch_grouped_down(__nv_bfloat16 const* h, std::int64_t cons
                                        __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, float* y, cudaStream_t stream,
                                        grouped_gemm_path path = grouped_gemm_path::automatic, grouped_weight_maps const* maps = nullptr) {
   return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path, maps);
-}
-
-/// launch_grouped_down with the combine folded in (fused_combine; decode): y as above, then
-/// combine.out. The stream path only: cudaErrorInvalidValue where `path` (automatic: as
-/// automatic_grouped_gemm_path(G, M_total, 1, maps)) is another, or a combine field is missing.
-/// Launches sharing combine.arrivals must be ordered on one stream.
-template <class Y>
-  requires(std::is_same_v<Y, __nv_bfloat16> || std::is_same_v<Y, float>)
-inline cudaError_t launch_grouped_down_combine(__nv_bfloat16 const* h, std::int64_t const* offsets, int G, std::int64_t M_total,
-                                               __nv_bfloat16 const* const* w_down, std::int64_t ld, int F, int N_out, Y* y,
-                                               fused_combine<Y> const& combine, cudaStream_t stream,
-                                               grouped_gemm_path path = grouped_gemm_path::automatic,
-                                               grouped_weight_maps const* maps = nullptr) {
-  return grouped_gemm_detail::launch<1>(h, offsets, G, M_total, w_down, w_down, ld, F, N_out, y, stream, path, maps, row_gather{},
-                                        &combine);
-}
-
-/// Counters fused_combine::arrivals needs for N_out output columns.
-constexpr std::int64_t fused_combine_arrivals(std::int64_t N_out) {
-  return (N_out + grouped_gemm_detail::stream_rows_per_block - 1) / grouped_gemm_detail::stream_rows_per_block;
 }
 
 }  // namespace specmoe::kernels

@@ -140,10 +140,8 @@ struct cuda_routing_output {
 };
 
 /// @brief The single-GPU layer: gate (cuBLAS logits + fused top-k), layout (stable radix sort),
-/// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine. Decode steps
-/// (up to 8 bf16 tokens, 64 slots, 256 experts) route in one launch (kernels/decode_routing.cuh);
-/// where the stream path runs the expert GEMMs, gate_up reads the token rows itself (no gather) and
-/// down folds the combine in (no combine launch).
+/// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine. A one-token
+/// step (bf16, up to 256 experts) routes in one launch (kernels/decode_routing.cuh).
 ///
 /// `forward_async` only enqueues work on the caller's stream (capturable in a CUDA graph); bad
 /// input found on the device (NaN logits, expert ids out of range, non-finite routing weights)
@@ -219,10 +217,11 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto const gate = kernels::gate_params::from(config_, bias_);
     auto const& router = weights_.router.weight;
     auto const* router_w = reinterpret_cast<__nv_bfloat16 const*>(router.data);
-    // decode: router logits, gate and layout in one launch, which also writes the status word
+    // One token: router logits, gate and layout in one launch, which also writes the status word
+    // (faster than the three launches only at one token: decode_routing.cuh).
     bool fused_routing = false;
     if constexpr (!fp32) {
-      fused_routing = !batch.routing && n > 0 && kernels::decode_routing_supported(router_w, router.stride, H, x, n, gate);
+      fused_routing = !batch.routing && n == 1 && kernels::decode_routing_supported(router_w, router.stride, H, x, n, gate);
     }
     if (!fused_routing) {
       SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
@@ -249,38 +248,20 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     }
     if (!fused_routing) SPECMOE_CUDA_TRY(kernels::launch_layout(ids, weights, n, k, E, layout_, status_, stream));
     auto const rows = n * k;
+    SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
     // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
     bool const own_tables = !options_.expert_tables;
-    auto const* gate_up_maps = own_tables ? &gate_up_maps_ : nullptr;
-    // Decode: the stream path reads each slot's token row itself, so no gather launch (bf16 rows).
-    bool const gather_in_gemm = !fp32 && kernels::automatic_grouped_gemm_path(E, rows, 2, gate_up_maps) ==
-                                             kernels::grouped_gemm_path::stream;
-    if (gather_in_gemm) {
-      if constexpr (!fp32) {
-        SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(x, kernels::row_gather{layout_.sorted_slots, k}, layout_.offsets, E,
-                                                                rows, gate_table_, up_table_, gate_up_ld_, H, config_.ffn_size, h_,
-                                                                stream, kernels::grouped_gemm_path::automatic, gate_up_maps));
-      }
-    } else {
-      SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
-      SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_, gate_up_ld_, H,
-                                                              config_.ffn_size, h_, stream, kernels::grouped_gemm_path::automatic,
-                                                              gate_up_maps));
-    }
+    SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
+                                                            gate_up_ld_, H, config_.ffn_size, h_, stream,
+                                                            kernels::grouped_gemm_path::automatic,
+                                                            own_tables ? &gate_up_maps_ : nullptr));
     // expert outputs: bf16 for bf16 activations, fp32 for fp32 ones (combined in fp32 either way)
     auto* y = reinterpret_cast<dev_t*>(y_);
     auto* shared_y = reinterpret_cast<dev_t*>(shared_y_);
-    auto* out_rows = reinterpret_cast<dev_t*>(out.data);
+    SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_table_, down_ld_,
+                                                  config_.ffn_size, H, y, stream, kernels::grouped_gemm_path::automatic,
+                                                  own_tables ? &down_maps_ : nullptr));
     auto const S = config_.num_shared_experts;
-    auto const* down_maps = own_tables ? &down_maps_ : nullptr;
-    // Decode: the stream down GEMM also does the combine (its last block per column band), so the
-    // shared experts run first.
-    bool const combine_in_gemm =
-        kernels::automatic_grouped_gemm_path(E, rows, 1, down_maps) == kernels::grouped_gemm_path::stream;
-    if (!combine_in_gemm) {
-      SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_table_, down_ld_, config_.ffn_size, H, y,
-                                                    stream, kernels::grouped_gemm_path::automatic, down_maps));
-    }
     if (S > 0) {
       __nv_bfloat16 const* xs = nullptr;
       if constexpr (fp32) {
@@ -302,15 +283,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                                                       &shared_maps_[static_cast<std::size_t>(2 * s + 1)]));
       }
     }
-    if (combine_in_gemm) {
-      kernels::fused_combine<dev_t> const fc{layout_.position, weights, n,        k,           S > 0 ? shared_y : nullptr,
-                                             S,                out_rows, out.stride, &status_->bits, arrivals_ + 1};
-      SPECMOE_CUDA_TRY(kernels::launch_grouped_down_combine(h_, layout_.offsets, E, rows, down_table_, down_ld_, config_.ffn_size, H,
-                                                            y, fc, stream, kernels::grouped_gemm_path::automatic, down_maps));
-    } else {
-      SPECMOE_CUDA_TRY(
-          kernels::launch_combine(y, layout_.position, weights, n, k, H, shared_y, S, out_rows, out.stride, status_, stream));
-    }
+    SPECMOE_CUDA_TRY(kernels::launch_combine(y, layout_.position, weights, n, k, H, shared_y, S,
+                                             reinterpret_cast<dev_t*>(out.data), out.stride, status_, stream));
   }
 
   /// @brief Enqueues only the gate on `stream`: top-k ids and weights of x's tokens into
@@ -392,12 +366,6 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     return p;
   }
 
-  /// Block counters (zero between forwards): the fused decode routing's, then the down GEMM's
-  /// fused combine's, one per band of output columns.
-  [[nodiscard]] std::size_t arrival_count() const {
-    return 1 + static_cast<std::size_t>(kernels::fused_combine_arrivals(config_.hidden_size));
-  }
-
   void allocate() {
     auto const N = static_cast<std::size_t>(options_.max_tokens);
     auto const E = static_cast<std::size_t>(config_.num_experts), k = static_cast<std::size_t>(config_.top_k);
@@ -413,7 +381,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     workspace_bytes_ = size(2 * sizeof(kernels::device_status)) + size(N * E * 4) + size(slots * 4) * 7 +
                        size((E + 1) * 8) + size(sort_bytes) + size(slots * H * 2) + size(slots * F * 2) +
                        size(slots * H * y_elem) + size(3 * E * sizeof(void*)) + size(3 * S * sizeof(void*)) + size(16) +
-                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + size(arrival_count() * 4) + cublas_ws +
+                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + size(16) + cublas_ws +
                        (f32 ? size(E * H * 4) + size(S > 0 ? N * H * 2 : 0) : 0);
     SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, workspace_bytes_));
     auto* cursor = static_cast<std::byte*>(workspace_);
@@ -449,8 +417,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       bias_ = carve<float>(cursor, E);
       SPECMOE_CUDA_TRY(cudaMemcpy(bias_, weights_.router.score_bias.data(), E * 4, cudaMemcpyDefault));
     }
-    arrivals_ = carve<unsigned>(cursor, arrival_count());
-    SPECMOE_CUDA_TRY(cudaMemset(arrivals_, 0, arrival_count() * 4));
+    arrivals_ = carve<unsigned>(cursor, 4);
+    SPECMOE_CUDA_TRY(cudaMemset(arrivals_, 0, 16));
     cublas_workspace_ = carve<std::byte>(cursor, cublas_ws);
     if (f32) {
       router_f32_ = carve<float>(cursor, E * H);
@@ -564,7 +532,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   float* router_f32_ = nullptr;    // fp32_activations: the router weights widened, [E, H]
   __nv_bfloat16* x_bf16_ = nullptr;  // fp32_activations with shared experts: x rounded to bf16
   float* bias_ = nullptr;
-  unsigned* arrivals_ = nullptr;  // [arrival_count()] block counters of the fused decode kernels
+  unsigned* arrivals_ = nullptr;  // the fused decode routing's block counter (zero between launches)
   std::byte* cublas_workspace_ = nullptr;
   kernels::grouped_weight_maps gate_up_maps_, down_maps_;
   std::vector<kernels::grouped_weight_maps> shared_maps_;  // per shared expert: gate_up, down
