@@ -67,7 +67,9 @@ struct lfu_replacement {
 
 /// @brief Base's order, but experts predicted for the current verification are kept while any
 /// other slot can go (so a prefetch for layer l+3 never evicts what layer l+1 is about to read).
-template <replacement_policy Base = lru_replacement>
+/// LFU by default: under LRU the walk over the layers evicts first what the next step needs first
+/// (in simulation no faster than on-demand LRU; LFU 1.1-1.8x, docs/benchmarks.md, issue 7).
+template <replacement_policy Base = lfu_replacement>
 struct protect_predicted {
   static constexpr bool protects = true;
   Base base{};

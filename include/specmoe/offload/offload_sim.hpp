@@ -62,7 +62,7 @@ struct offload_sim_options {
   int cutoff = -1;                ///< draft / oracle: prefetch target layers < cutoff; -1: the latency model's choice
   int lookahead_depth = 1;        ///< lookahead: layers ahead
   double lookahead_accuracy = 0.7;
-  sim_replacement replacement = sim_replacement::protect;
+  sim_replacement replacement = sim_replacement::protect_lfu;  // as specmoe-sim's default
   std::int64_t max_steps = 2000;  ///< steps replayed (over the trace's requests, in order)
   std::uint64_t seed = 1;
   int check_steps = 4;            ///< steps whose outputs are computed and compared (0: none)
