@@ -83,7 +83,7 @@ rank_state make_rank(int rank, int D, long long n) {
   s.dest_of = std::make_unique<dbuf<std::int32_t>>(static_cast<std::size_t>(n * top_k));
   s.send_slot = std::make_unique<dbuf<std::int32_t>>(static_cast<std::size_t>(n * D));
   s.send_counts = std::make_unique<dbuf<std::int32_t>>(static_cast<std::size_t>(D));
-  kernels::device_status const clean{0, 0, 1ll << 62};
+  kernels::device_status const clean = kernels::clean_device_status;
   s.status = std::make_unique<dbuf<kernels::device_status>>(std::vector<kernels::device_status>{clean});
   std::vector<std::int32_t> offset, owners, local(static_cast<std::size_t>(D * experts));
   for (int e = 0; e < experts; ++e) {

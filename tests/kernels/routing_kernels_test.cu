@@ -24,7 +24,7 @@ using specmoe::test::device_vector;
 namespace {
 
 kernels::device_status* new_status(device_vector<kernels::device_status>& s) {
-  kernels::device_status clean{0, 0, (1ll << 62)};
+  kernels::device_status clean = kernels::clean_device_status;
   SPECMOE_TEST_CUDA(cudaMemcpy(s.data(), &clean, sizeof clean, cudaMemcpyHostToDevice));
   return s.data();
 }

@@ -55,7 +55,7 @@ static __global__ void __launch_bounds__(decode_routing_threads)
   __threadfence();
   if (threadIdx.x == 0) {
     *arrivals = 0;
-    *status = device_status{0, 0, (1ll << 62)};  // this forward's status: clean until flagged below
+    *status = clean_device_status;  // this forward's status: clean until flagged below
   }
   __syncthreads();
   for (int t = 0; t < n; ++t) {

@@ -33,6 +33,9 @@ struct device_status {
   long long first_token;
 };
 
+/// The status word before anything is flagged: no bits, first_token past any token (atomicMin).
+inline constexpr device_status clean_device_status{0, 0, 1ll << 62};
+
 /// Plain values of the gate recipe, passed by value to the kernel.
 struct gate_params {
   int num_experts = 0;

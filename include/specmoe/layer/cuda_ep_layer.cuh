@@ -473,7 +473,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       shard_weights_ = carve<float>(cursor, N * k);
     }
 
-    kernels::device_status const clean{0, 0, (1ll << 62)};
+    kernels::device_status const clean = kernels::clean_device_status;
     SPECMOE_CUDA_TRY(cudaMemcpy(clean_status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
     SPECMOE_CUDA_TRY(cudaMemcpy(status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
     SPECMOE_CUDA_TRY(cudaMemset(zero_router_, 0, router_rows * H * 2));

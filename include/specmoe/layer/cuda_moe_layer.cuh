@@ -435,7 +435,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       SPECMOE_CUDA_TRY(cudaMemcpy(router_f32_, r32.data(), r32.size() * 4, cudaMemcpyHostToDevice));
     }
 
-    kernels::device_status const clean{0, 0, (1ll << 62)};
+    kernels::device_status const clean = kernels::clean_device_status;
     SPECMOE_CUDA_TRY(cudaMemcpy(clean_status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
     SPECMOE_CUDA_TRY(cudaMemcpy(status_, &clean, sizeof clean, cudaMemcpyHostToDevice));
     // Per-expert weight pointers: the grouped GEMMs find expert e's matrices through them.
