@@ -11,6 +11,9 @@
 //   impl:   ours (automatic path, with the tensor maps) | stream / mma / wgmma (forced path) |
 //           cublas (one cublasGemmEx per non-empty expert with host-known counts; gate_up without
 //           the SwiGLU)
+// Also <shape>/ffn/fused|chain/tokens:<t> (shapes with F <= 2048): the whole decode FFN,
+//   kernels/decode_expert_ffn.cuh in one launch against the two GEMMs (automatic paths);
+//   floor = the activated experts' three matrices / HBM BW.
 // Counters: TFLOPs, weight_GBps (bytes of the activated experts' weights / time), floor_ratio =
 //   time / max(bytes / measured HBM BW, flops / measured cuBLAS GEMM rate) where bytes = activated
 //   weights + activations in + out; vs_cublas = time / the cublas row's time (same run).
@@ -18,6 +21,7 @@
 // 8192^3 bf16 cublasGemmEx on random data. L2 is flushed (256 MiB memset) before each timed launch.
 #include "gpu_bench_support.cuh"
 
+#include <specmoe/kernels/decode_expert_ffn.cuh>
 #include <specmoe/kernels/grouped_gemm.cuh>
 
 #include <benchmark/benchmark.h>
@@ -263,6 +267,66 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
 
 void bench(benchmark::State& state, shape const* s, bool gate_up, impl which, int tokens) { run_case(state, *s, gate_up, which, tokens); }
 
+/// The whole expert FFN of a decode step: the fused decode launch (kernels/decode_expert_ffn.cuh)
+/// or the chain of the two grouped GEMMs (automatic paths, as the layer launches them).
+void bench_ffn(benchmark::State& state, shape const* sp, bool fused, int tokens) {
+  shape const& s = *sp;
+  weights& w = model_weights(s);
+  case_data& c = get_case(s, tokens);
+  static unsigned* sync = nullptr;
+  if (!sync) {
+    CK(cudaMalloc(&sync, sk::decode_expert_ffn_sync_words(256) * sizeof(unsigned)));
+    CK(cudaMemset(sync, 0, sk::decode_expert_ffn_sync_words(256) * sizeof(unsigned)));
+  }
+  sk::decode_expert_ffn_args a;
+  a.x = c.x;
+  a.offsets = c.d_off;
+  a.G = s.G;
+  a.M_total = c.M;
+  a.w_gate = w.pg;
+  a.w_up = w.pu;
+  a.gate_up_ld = s.H;
+  a.w_down = w.pd;
+  a.down_ld = s.F;
+  a.K = s.H;
+  a.F = s.F;
+  a.N = s.H;
+  a.h = c.h;
+  auto launch = [&] {
+    if (fused) {
+      CK(sk::launch_decode_expert_ffn(a, c.y, sync, g_stream, tokens == 1));
+    } else {
+      CK(sk::launch_grouped_gate_up_swiglu(c.x, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream,
+                                           sk::grouped_gemm_path::automatic, &w.maps_up));
+      CK(sk::launch_grouped_down(c.h, c.d_off, s.G, c.M, w.pd, s.F, s.F, s.H, c.y, g_stream, sk::grouped_gemm_path::automatic,
+                                 &w.maps_down));
+    }
+  };
+  launch();  // warm-up
+  CK(cudaStreamSynchronize(g_stream));
+  double total_s = 0.0;
+  std::int64_t iters = 0;
+  for (auto _ : state) {
+    specmoe_bench::l2_flush(g_stream);
+    CK(cudaEventRecord(g_e0, g_stream));
+    launch();
+    CK(cudaEventRecord(g_e1, g_stream));
+    CK(cudaEventSynchronize(g_e1));
+    float ms = 0.0f;
+    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
+    state.SetIterationTime(ms * 1e-3);
+    total_s += ms * 1e-3;
+    ++iters;
+  }
+  double const mean_s = total_s / static_cast<double>(std::max<std::int64_t>(iters, 1));
+  double const wbytes = static_cast<double>(c.active) * 3.0 * s.H * s.F * 2.0;
+  double const floor_s = wbytes / g_hbm_bw;
+  state.counters["weight_GBps"] = wbytes / mean_s * 1e-9;
+  state.counters["floor_us"] = floor_s * 1e6;
+  state.counters["floor_ratio"] = mean_s / floor_s;
+  state.counters["experts"] = c.active;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -283,6 +347,15 @@ int main(int argc, char** argv) {
           std::string const name = std::string(s.name) + (gate_up ? "/gate_up/" : "/down/") + impl_name(which) + "/tokens:" + std::to_string(tokens);
           benchmark::RegisterBenchmark(name.c_str(), bench, &s, gate_up, which, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
         }
+      }
+    }
+  }
+  for (auto const& s : shapes) {  // the fused decode FFN where it applies (F <= 2048), beside the chain
+    if (s.F > sk::decode_expert_ffn_max_ffn) continue;
+    for (int tokens : {1, 2, 4, 16}) {
+      for (bool fused : {false, true}) {
+        std::string const name = std::string(s.name) + "/ffn/" + (fused ? "fused" : "chain") + "/tokens:" + std::to_string(tokens);
+        benchmark::RegisterBenchmark(name.c_str(), bench_ffn, &s, fused, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
       }
     }
   }

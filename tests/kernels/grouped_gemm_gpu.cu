@@ -1,6 +1,7 @@
 // tests/kernels/grouped_gemm_gpu.cu: the Catch2-free side of the grouped-GEMM test (see the header).
 #include "grouped_gemm_gpu.hpp"
 
+#include <specmoe/kernels/decode_expert_ffn.cuh>
 #include <specmoe/kernels/grouped_gemm.cuh>
 
 namespace gg_test {
@@ -54,5 +55,35 @@ cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int
                                  N, y, stream, to_sk(p), raw(maps));
 }
 std::size_t workspace_bytes(int G, std::int64_t M_total) { return sk::grouped_gemm_workspace_bytes(G, M_total); }
+
+namespace {
+sk::decode_expert_ffn_args to_sk(decode_ffn_args const& a) {
+  sk::decode_expert_ffn_args r;
+  r.x = static_cast<dbf16 const*>(a.x);
+  r.slots = a.slots;
+  r.top_k = a.top_k;
+  r.offsets = a.offsets;
+  r.G = a.G;
+  r.M_total = a.M_total;
+  r.w_gate = table(a.w_gate);
+  r.w_up = table(a.w_up);
+  r.gate_up_ld = a.gate_up_ld;
+  r.w_down = table(a.w_down);
+  r.down_ld = a.down_ld;
+  r.K = a.K;
+  r.F = a.F;
+  r.N = a.N;
+  r.h = static_cast<dbf16*>(a.h);
+  return r;
+}
+}  // namespace
+
+cudaError_t decode_ffn(decode_ffn_args const& a, void* y_bf16, unsigned* sync, cudaStream_t stream, bool one_row_chunks) {
+  return sk::launch_decode_expert_ffn(to_sk(a), static_cast<dbf16*>(y_bf16), sync, stream, one_row_chunks);
+}
+cudaError_t decode_ffn_f32(decode_ffn_args const& a, float* y, unsigned* sync, cudaStream_t stream, bool one_row_chunks) {
+  return sk::launch_decode_expert_ffn(to_sk(a), y, sync, stream, one_row_chunks);
+}
+std::size_t decode_ffn_sync_words(int G) { return sk::decode_expert_ffn_sync_words(G); }
 
 }  // namespace gg_test

@@ -36,4 +36,24 @@ cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int
                      std::int64_t ld, int F, int N, float* y, cudaStream_t stream, path p, weight_maps const* maps);
 std::size_t workspace_bytes(int G, std::int64_t M_total);
 
+/// specmoe::kernels::decode_expert_ffn_args with opaque bf16 pointers.
+struct decode_ffn_args {
+  void const* x = nullptr;
+  std::int32_t const* slots = nullptr;
+  int top_k = 1;
+  std::int64_t const* offsets = nullptr;
+  int G = 0;
+  std::int64_t M_total = 0;
+  void const* const* w_gate = nullptr;
+  void const* const* w_up = nullptr;
+  std::int64_t gate_up_ld = 0;
+  void const* const* w_down = nullptr;
+  std::int64_t down_ld = 0;
+  int K = 0, F = 0, N = 0;
+  void* h = nullptr;
+};
+cudaError_t decode_ffn(decode_ffn_args const& a, void* y_bf16, unsigned* sync, cudaStream_t stream, bool one_row_chunks);
+cudaError_t decode_ffn_f32(decode_ffn_args const& a, float* y, unsigned* sync, cudaStream_t stream, bool one_row_chunks);
+std::size_t decode_ffn_sync_words(int G);
+
 }  // namespace gg_test

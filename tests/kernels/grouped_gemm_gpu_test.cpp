@@ -250,7 +250,19 @@ struct fixture {
     GG_CHECK(gg_test::maps_status(maps_up.get()));
     GG_CHECK(gg_test::maps_status(maps_down.get()));
 
-    // host reference of h, on the weights as the groups see them (reversed slots)
+    compute_h_ref();
+  }
+
+  /// Replaces x (host and device) and its reference h.
+  void set_x(std::vector<bf16> const& nx) {
+    REQUIRE(nx.size() == x.size());
+    x = nx;
+    GG_CHECK(cudaMemcpy(d_x.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    compute_h_ref();
+  }
+
+  /// The host reference of h, on the weights as the groups see them (reversed slots).
+  void compute_h_ref() {
     std::vector<bf16> wg_g(static_cast<std::size_t>(p.G * stride_up)), wu_g(wg_g.size());
     for (int g = 0; g < p.G; ++g) {
       auto const slot = static_cast<std::size_t>(p.G - 1 - g);
@@ -285,6 +297,24 @@ struct fixture {
   }
   cudaError_t down_f32(path pa, cudaStream_t s) {
     return gg_test::down_f32(d_h.p, d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, pa, maps_down.get());
+  }
+  /// The fused decode FFN's arguments on this fixture's buffers (dense expert-major rows of d_x).
+  gg_test::decode_ffn_args decode_args() const {
+    gg_test::decode_ffn_args a;
+    a.x = d_x.p;
+    a.offsets = d_off.p;
+    a.G = p.G;
+    a.M_total = p.M_total;
+    a.w_gate = d_pg.p;
+    a.w_up = d_pu.p;
+    a.gate_up_ld = ld_up;
+    a.w_down = d_pd.p;
+    a.down_ld = ld_down;
+    a.K = p.K;
+    a.F = p.F;
+    a.N = p.N;
+    a.h = d_h.p;
+    return a;
   }
   void poison() {
     GG_CHECK(cudaMemset(d_h.p, 0xFF, d_h.n * 2));
@@ -442,4 +472,151 @@ TEST_CASE("grouped_gemm: unsupported shapes are refused without launching") {
   CHECK(gg_test::maps_status(gg_test::make_empty_maps().get()) != cudaSuccess);
   GG_CHECK(cudaGetLastError());
   CHECK(gg_test::workspace_bytes(8, 16) == 0);
+}
+
+namespace {
+
+/// The device buffers' bytes, for bit-for-bit comparisons.
+template <class T>
+std::vector<unsigned char> bytes_of(dev_buf<T> const& b) {
+  std::vector<unsigned char> v(b.n * sizeof(T));
+  if (cudaMemcpy(v.data(), b.p, v.size(), cudaMemcpyDeviceToHost) != cudaSuccess) v.clear();
+  return v;
+}
+
+std::vector<problem> decode_problems() {
+  return {
+      {8, 8, 8, 256, 192, 128, sizes_kind::random, true},           // F: 12 bands of 16, K one step
+      {128, 8, 8, 2048, 768, 2048, sizes_kind::random, true},       // Qwen3-30B-A3B's one token
+      {8, 37, 37, 200, 136, 72, sizes_kind::with_empty, false},     // partial bands, K past a step
+      {32, 77, 70, 128, 256, 128, sizes_kind::with_empty, true},    // padding rows stay untouched
+      {16, 40, 40, 576, 1032, 520, sizes_kind::one_holds_all, false},  // 40 rows in one group, 8 steps held
+      {256, 64, 64, 512, 2048, 264, sizes_kind::random, true},      // the largest F, G = 256
+      {300, 20, 20, 64, 64, 64, sizes_kind::random, true},          // G past one block's scan
+  };
+}
+
+}  // namespace
+
+TEST_CASE("decode_expert_ffn: one launch equals the two stream GEMMs bit for bit, and the host reference") {
+  int dev_count = 0;
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  std::mt19937_64 rng(20261206);
+  for (auto const& pr : decode_problems()) {
+    fixture fx(pr, rng);
+    dev_buf<unsigned> sync(gg_test::decode_ffn_sync_words(pr.G));
+    REQUIRE(sync.p);
+    GG_CHECK(cudaMemset(sync.p, 0, sync.n * sizeof(unsigned)));
+    for (bool const through_slots : {false, true}) {
+      // through the slots: x holds token rows, and row m of the expert-major order is token
+      // slots[m] / top_k (a random stable-looking permutation, as a layout writes)
+      int const top_k = 3;
+      std::int64_t const used = fx.off.back();
+      std::int64_t const tokens = (used + top_k - 1) / top_k + 1;
+      dev_buf<bf16> d_tok(static_cast<std::size_t>(tokens * pr.K));
+      dev_buf<std::int32_t> d_slots(static_cast<std::size_t>(std::max<std::int64_t>(used, 1)));
+      REQUIRE(d_tok.p);
+      REQUIRE(d_slots.p);
+      if (through_slots) {
+        auto const tok = random_vec(rng, d_tok.n, 1.0f);
+        std::vector<std::int32_t> slot_ids(static_cast<std::size_t>(tokens * top_k));
+        for (std::size_t i = 0; i < slot_ids.size(); ++i) slot_ids[i] = static_cast<std::int32_t>(i);
+        std::shuffle(slot_ids.begin(), slot_ids.end(), rng);
+        slot_ids.resize(static_cast<std::size_t>(used));
+        auto permuted = fx.x;  // rows >= used keep their old values: nobody reads them
+        for (std::int64_t m = 0; m < used; ++m) {
+          auto const t = slot_ids[static_cast<std::size_t>(m)] / top_k;
+          std::copy_n(tok.begin() + t * pr.K, pr.K, permuted.begin() + m * pr.K);
+        }
+        fx.set_x(permuted);
+        GG_CHECK(cudaMemcpy(d_tok.p, tok.data(), tok.size() * 2, cudaMemcpyHostToDevice));
+        if (used > 0) GG_CHECK(cudaMemcpy(d_slots.p, slot_ids.data(), slot_ids.size() * 4, cudaMemcpyHostToDevice));
+      }
+      // the peer: gate_up then down on the stream path, over the expert-major rows
+      fx.poison();
+      GG_CHECK(fx.gate_up(path::stream, nullptr));
+      GG_CHECK(fx.down(path::stream, nullptr));
+      GG_CHECK(fx.down_f32(path::stream, nullptr));
+      GG_CHECK(cudaDeviceSynchronize());
+      auto const h_peer = bytes_of(fx.d_h), y_peer = bytes_of(fx.d_y), yf_peer = bytes_of(fx.d_yf);
+      auto args = fx.decode_args();
+      if (through_slots) {
+        args.x = d_tok.p;
+        args.slots = d_slots.p;
+        args.top_k = top_k;
+      }
+      for (bool const one_row_chunks : {true, false}) {
+        for (int round = 0; round < 2; ++round) {  // twice: the counters are back to zero after a launch
+          std::string const what = describe(pr) + (through_slots ? " slots" : " rows") + (one_row_chunks ? " chunk1" : " chunk8") +
+                                   " round " + std::to_string(round);
+          INFO(what);
+          fx.poison();
+          GG_CHECK(gg_test::decode_ffn(args, fx.d_y.p, sync.p, nullptr, one_row_chunks));
+          GG_CHECK(gg_test::decode_ffn_f32(args, fx.d_yf.p, sync.p, nullptr, one_row_chunks));
+          GG_CHECK(cudaDeviceSynchronize());
+          CHECK(bytes_of(fx.d_h) == h_peer);
+          CHECK(bytes_of(fx.d_y) == y_peer);
+          CHECK(bytes_of(fx.d_yf) == yf_peer);
+          fx.check(what);
+          std::vector<unsigned> words(sync.n);
+          GG_CHECK(cudaMemcpy(words.data(), sync.p, words.size() * sizeof(unsigned), cudaMemcpyDeviceToHost));
+          CHECK(std::all_of(words.begin(), words.end(), [](unsigned w) { return w == 0; }));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("decode_expert_ffn: replayed from a CUDA graph, and bad arguments refused") {
+  int dev_count = 0;
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  std::mt19937_64 rng(11);
+  fixture fx(problem{128, 8, 8, 512, 768, 512, sizes_kind::random, true}, rng);
+  dev_buf<unsigned> sync(gg_test::decode_ffn_sync_words(128));
+  REQUIRE(sync.p);
+  GG_CHECK(cudaMemset(sync.p, 0, sync.n * sizeof(unsigned)));
+  auto const args = fx.decode_args();
+  fx.poison();
+  GG_CHECK(gg_test::decode_ffn(args, fx.d_y.p, sync.p, nullptr, true));
+  GG_CHECK(cudaDeviceSynchronize());
+  auto const y_direct = bytes_of(fx.d_y);
+  cudaStream_t s = nullptr;
+  GG_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  GG_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  GG_CHECK(gg_test::decode_ffn(args, fx.d_y.p, sync.p, s, true));
+  GG_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec = nullptr;
+  GG_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 3; ++replay) {
+    fx.poison();
+    GG_CHECK(cudaGraphLaunch(exec, s));
+    GG_CHECK(cudaStreamSynchronize(s));
+    CHECK(bytes_of(fx.d_y) == y_direct);
+  }
+  GG_CHECK(cudaGraphExecDestroy(exec));
+  GG_CHECK(cudaGraphDestroy(graph));
+  GG_CHECK(cudaStreamDestroy(s));
+
+  // refused, nothing launched: the outputs keep their poison
+  fx.poison();
+  auto bad = args;
+  bad.F = 2056;  // past decode_expert_ffn_max_ffn
+  CHECK(gg_test::decode_ffn(bad, fx.d_y.p, sync.p, nullptr, true) == cudaErrorInvalidValue);
+  bad = args;
+  bad.K = 508;  // not a multiple of 8
+  CHECK(gg_test::decode_ffn(bad, fx.d_y.p, sync.p, nullptr, true) == cudaErrorInvalidValue);
+  bad = args;
+  bad.down_ld = 760;  // shorter than F
+  CHECK(gg_test::decode_ffn(bad, fx.d_y.p, sync.p, nullptr, true) == cudaErrorInvalidValue);
+  bad = args;
+  bad.w_down = nullptr;
+  CHECK(gg_test::decode_ffn(bad, fx.d_y.p, sync.p, nullptr, true) == cudaErrorInvalidValue);
+  CHECK(gg_test::decode_ffn(args, fx.d_y.p, nullptr, nullptr, true) == cudaErrorInvalidValue);
+  bad = args;
+  bad.M_total = 0;
+  CHECK(gg_test::decode_ffn(bad, fx.d_y.p, sync.p, nullptr, true) == cudaSuccess);
+  GG_CHECK(cudaDeviceSynchronize());
+  auto const y_after = bytes_of(fx.d_y);
+  CHECK(std::all_of(y_after.begin(), y_after.end(), [](unsigned char b) { return b == 0xFF; }));
 }

@@ -126,26 +126,32 @@ TEST_CASE("cuda layer: large batches, experts without tokens, graph capture", "[
                           matrix_view<bf16>(want.data(), n, cfg.hidden_size), got.routed.view());
     require_close(got.out, want, n, cfg.hidden_size);
   }
-  // Captured in a CUDA graph and replayed: the same bits as a direct run.
-  std::int64_t const n = 500;
-  auto const x = synthetic::random_activations<bf16>(n, cfg.hidden_size, 10);
-  auto const direct = run_gpu(layer, x, n);
-  device_vector<bf16> dx(x), dout(x.size(), 0xff);
-  cudaStream_t stream;
-  SPECMOE_TEST_CUDA(cudaStreamCreate(&stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  SPECMOE_TEST_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  layer.forward_async({matrix_view<bf16 const>(dx.data(), n, cfg.hidden_size)},
-                      matrix_view<bf16>(dout.data(), n, cfg.hidden_size), stream);
-  SPECMOE_TEST_CUDA(cudaStreamEndCapture(stream, &graph));
-  SPECMOE_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  SPECMOE_TEST_CUDA(cudaGraphLaunch(exec, stream));
-  layer.check(stream);
-  REQUIRE(specmoe::test::bit_equal(dout.to_host(), direct.out));
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
+  // Captured in a CUDA graph and replayed: the same bits as a direct run. One token takes the
+  // fused routing and the fused expert FFN, whose counters must be back to zero after each replay.
+  for (std::int64_t const n : {std::int64_t{500}, std::int64_t{1}}) {
+    INFO("tokens " << n);
+    auto const x = synthetic::random_activations<bf16>(n, cfg.hidden_size, 10 + static_cast<std::uint64_t>(n));
+    auto const direct = run_gpu(layer, x, n);
+    device_vector<bf16> dx(x), dout(x.size(), 0xff);
+    cudaStream_t stream;
+    SPECMOE_TEST_CUDA(cudaStreamCreate(&stream));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    SPECMOE_TEST_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    layer.forward_async({matrix_view<bf16 const>(dx.data(), n, cfg.hidden_size)},
+                        matrix_view<bf16>(dout.data(), n, cfg.hidden_size), stream);
+    SPECMOE_TEST_CUDA(cudaStreamEndCapture(stream, &graph));
+    SPECMOE_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    for (int replay = 0; replay < 3; ++replay) {
+      SPECMOE_TEST_CUDA(cudaMemset(dout.data(), 0xff, x.size() * sizeof(bf16)));
+      SPECMOE_TEST_CUDA(cudaGraphLaunch(exec, stream));
+      layer.check(stream);
+      REQUIRE(specmoe::test::bit_equal(dout.to_host(), direct.out));
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
 }
 
 TEST_CASE("cuda layer: fp32 activations equal the fp32 host reference within bf16 tolerance", "[layer][cuda][fp32]") {

@@ -217,10 +217,17 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], unsigned const (&a)[4], 
 inline constexpr int stream_rpw = 2;                                  // output rows per warp
 inline constexpr int stream_rows_per_block = stream_rpw * threads / 32;  // 16
 
+/// Row m of the A operand: a[m], or with `slots` (a layout's sorted slots) token row
+/// a[slots[m] / top_k], which folds the gather into the GEMM.
+__device__ __forceinline__ bf16 const* a_row(bf16 const* a, std::int32_t const* slots, int top_k, std::int64_t m, int K) {
+  std::int64_t const r = slots ? slots[m] / top_k : m;
+  return a + r * static_cast<std::int64_t>(K);
+}
+
 template <int NMAT, int R, class OutT>
-__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int64_t m0, int rows, bf16 const* const (&wrow)[stream_rpw][NMAT],
-                                            bool const (&nvalid)[stream_rpw], int n_first, int K, OutT* __restrict__ out,
-                                            std::int64_t ldo) {
+__device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int32_t const* slots, int top_k, std::int64_t m0, int rows,
+                                            bf16 const* const (&wrow)[stream_rpw][NMAT], bool const (&nvalid)[stream_rpw], int n_first,
+                                            int K, OutT* __restrict__ out, std::int64_t ldo) {
   int const lane = threadIdx.x & 31;
   float acc[stream_rpw][NMAT][R];
 #pragma unroll
@@ -232,7 +239,7 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
 
   bf16 const* xrow[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) xrow[r] = a + (m0 + (r < rows ? r : 0)) * static_cast<std::int64_t>(K);
+  for (int r = 0; r < R; ++r) xrow[r] = a_row(a, slots, top_k, m0 + (r < rows ? r : 0), K);
 
 #pragma unroll 2
   for (int k = lane * 8; k < K; k += 256) {
@@ -286,21 +293,45 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
   }
 }
 
-template <int NMAT, class OutT>
-__global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
-                                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
-                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
-  using scan_t = cub::BlockScan<int, threads>;
+/// Rows mb .. me-1 of one group in chunks of up to CH (1 or 8) rows: each chunk streams the warp's
+/// weight rows once.
+template <int NMAT, int CH, class OutT>
+__device__ __forceinline__ void stream_group(bf16 const* __restrict__ a, std::int32_t const* slots, int top_k, std::int64_t mb,
+                                             std::int64_t me, bf16 const* const (&wrow)[stream_rpw][NMAT],
+                                             bool const (&nvalid)[stream_rpw], int n_first, int K, OutT* __restrict__ out,
+                                             std::int64_t ldo) {
+  static_assert(CH == 1 || CH == 8, "chunks of 1 or 8 rows");
+  for (std::int64_t m0 = mb; m0 < me; m0 += CH) {
+    int const rows = static_cast<int>(me - m0 < CH ? me - m0 : CH);
+    if (CH == 1 || rows == 1) {
+      stream_rows<NMAT, 1>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+    } else if constexpr (CH == 8) {
+      if (rows == 2) {
+        stream_rows<NMAT, 2>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      } else if (rows <= 4) {
+        stream_rows<NMAT, 4>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      } else {
+        stream_rows<NMAT, 8>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      }
+    }
+  }
+}
+
+/// The want-th group with rows (offsets[g + 1] > offsets[g]), or -1 where fewer groups have rows:
+/// a block-wide scan of the offsets. Every thread of the block calls it. `first_flag`: thread
+/// t's flag for group t, loaded by the caller (so that the load can overlap other latency).
+template <int THREADS>
+__device__ __forceinline__ int nth_nonempty_group(std::int64_t const* __restrict__ offsets, int G, int want, int first_flag) {
+  using scan_t = cub::BlockScan<int, THREADS>;
   __shared__ typename scan_t::TempStorage scan_storage;
   __shared__ int s_group;
   int const tid = threadIdx.x;
-  int const want = static_cast<int>(blockIdx.y);  // the want-th non-empty group
   if (tid == 0) s_group = -1;
   __syncthreads();
   int carry = 0;
-  for (int base = 0; base < G; base += threads) {
+  for (int base = 0; base < G; base += THREADS) {
     int const g = base + tid;
-    int const flag = (g < G && offsets[g + 1] > offsets[g]) ? 1 : 0;
+    int const flag = base == 0 ? first_flag : (g < G && offsets[g + 1] > offsets[g]) ? 1 : 0;
     int excl = 0, total = 0;
     scan_t(scan_storage).ExclusiveSum(flag, excl, total);
     if (flag && carry + excl == want) s_group = g;
@@ -308,15 +339,21 @@ __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __r
     __syncthreads();
     if (carry > want) break;  // uniform: every thread holds the same carry
   }
-  int const g = s_group;
-  if (g < 0) return;
+  return s_group;
+}
 
-  std::int64_t const mb = offsets[g], me = offsets[g + 1];
-  int const warp = tid >> 5;
-  int const n_first = blockIdx.x * stream_rows_per_block + warp * stream_rpw;
-  if (n_first >= N) return;
-  bf16 const* wrow[stream_rpw][NMAT];
-  bool nvalid[stream_rpw];
+/// Thread t's flag for group t (the first chunk of nth_nonempty_group's scan).
+__device__ __forceinline__ int first_group_flag(std::int64_t const* __restrict__ offsets, int G) {
+  int const g = static_cast<int>(threadIdx.x);
+  return g < G && offsets[g + 1] > offsets[g] ? 1 : 0;
+}
+
+/// The warp's weight rows n_first, n_first + 1 of each matrix of group g (row stride ld); rows
+/// past N are marked invalid (and point at n_first, which the caller checked is < N).
+template <int NMAT>
+__device__ __forceinline__ void warp_weight_rows(bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1, int g,
+                                                 std::int64_t ld, int n_first, int N, bf16 const* (&wrow)[stream_rpw][NMAT],
+                                                 bool (&nvalid)[stream_rpw]) {
   bf16 const* const base0 = w0[g];
   bf16 const* const base1 = NMAT == 2 ? w1[g] : nullptr;
 #pragma unroll
@@ -326,19 +363,21 @@ __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __r
     wrow[i][0] = base0 + static_cast<std::int64_t>(n) * ld;
     if constexpr (NMAT == 2) wrow[i][1] = base1 + static_cast<std::int64_t>(n) * ld;
   }
-  std::int64_t const ldo = N;
-  for (std::int64_t m0 = mb; m0 < me; m0 += 8) {
-    int const rows = static_cast<int>(me - m0 < 8 ? me - m0 : 8);
-    if (rows == 1) {
-      stream_rows<NMAT, 1>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    } else if (rows == 2) {
-      stream_rows<NMAT, 2>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    } else if (rows <= 4) {
-      stream_rows<NMAT, 4>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    } else {
-      stream_rows<NMAT, 8>(a, m0, rows, wrow, nvalid, n_first, K, out, ldo);
-    }
-  }
+}
+
+template <int NMAT, class OutT>
+__global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
+                                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
+                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
+  // block y serves the y-th non-empty group
+  int const g = nth_nonempty_group<threads>(offsets, G, static_cast<int>(blockIdx.y), first_group_flag(offsets, G));
+  if (g < 0) return;
+  int const n_first = blockIdx.x * stream_rows_per_block + (threadIdx.x >> 5) * stream_rpw;
+  if (n_first >= N) return;
+  bf16 const* wrow[stream_rpw][NMAT];
+  bool nvalid[stream_rpw];
+  warp_weight_rows<NMAT>(w0, w1, g, ld, n_first, N, wrow, nvalid);
+  stream_group<NMAT, 8>(a, nullptr, 1, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out, static_cast<std::int64_t>(N));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <specmoe/core/error.hpp>
 #include <specmoe/core/expert_weights.hpp>
 #include <specmoe/kernels/combine.cuh>
+#include <specmoe/kernels/decode_expert_ffn.cuh>
 #include <specmoe/kernels/decode_routing.cuh>
 #include <specmoe/kernels/gate.cuh>
 #include <specmoe/kernels/grouped_gemm.cuh>
@@ -141,7 +142,8 @@ struct cuda_routing_output {
 
 /// @brief The single-GPU layer: gate (cuBLAS logits + fused top-k), layout (stable radix sort),
 /// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine. A one-token
-/// step (bf16, up to 256 experts) routes in one launch (kernels/decode_routing.cuh).
+/// step (bf16, up to 256 experts) routes in one launch (kernels/decode_routing.cuh) and, with FFN
+/// sizes up to 2048, runs its experts in one more (kernels/decode_expert_ffn.cuh).
 ///
 /// `forward_async` only enqueues work on the caller's stream (capturable in a CUDA graph); bad
 /// input found on the device (NaN logits, expert ids out of range, non-finite routing weights)
@@ -248,19 +250,45 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     }
     if (!fused_routing) SPECMOE_CUDA_TRY(kernels::launch_layout(ids, weights, n, k, E, layout_, status_, stream));
     auto const rows = n * k;
-    SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
-    // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
-    bool const own_tables = !options_.expert_tables;
-    SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
-                                                            gate_up_ld_, H, config_.ffn_size, h_, stream,
-                                                            kernels::grouped_gemm_path::automatic,
-                                                            own_tables ? &gate_up_maps_ : nullptr));
     // expert outputs: bf16 for bf16 activations, fp32 for fp32 ones (combined in fp32 either way)
     auto* y = reinterpret_cast<dev_t*>(y_);
     auto* shared_y = reinterpret_cast<dev_t*>(shared_y_);
-    SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_table_, down_ld_,
-                                                  config_.ffn_size, H, y, stream, kernels::grouped_gemm_path::automatic,
-                                                  own_tables ? &down_maps_ : nullptr));
+    // One token: gather, gate/up and down in one launch (kernels/decode_expert_ffn.cuh).
+    bool fused_ffn = false;
+    if constexpr (!fp32) {
+      if (n == 1) {
+        kernels::decode_expert_ffn_args a;
+        a.x = x;
+        a.slots = layout_.sorted_slots;
+        a.top_k = k;
+        a.offsets = layout_.offsets;
+        a.G = E;
+        a.M_total = rows;
+        a.w_gate = gate_table_;
+        a.w_up = up_table_;
+        a.gate_up_ld = gate_up_ld_;
+        a.w_down = down_table_;
+        a.down_ld = down_ld_;
+        a.K = H;
+        a.F = config_.ffn_size;
+        a.N = H;
+        a.h = h_;
+        fused_ffn = kernels::decode_expert_ffn_supported(a);
+        if (fused_ffn) SPECMOE_CUDA_TRY(kernels::launch_decode_expert_ffn(a, y, ffn_sync_, stream));
+      }
+    }
+    if (!fused_ffn) {
+      SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
+      // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
+      bool const own_tables = !options_.expert_tables;
+      SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
+                                                              gate_up_ld_, H, config_.ffn_size, h_, stream,
+                                                              kernels::grouped_gemm_path::automatic,
+                                                              own_tables ? &gate_up_maps_ : nullptr));
+      SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_table_, down_ld_,
+                                                    config_.ffn_size, H, y, stream, kernels::grouped_gemm_path::automatic,
+                                                    own_tables ? &down_maps_ : nullptr));
+    }
     auto const S = config_.num_shared_experts;
     if (S > 0) {
       __nv_bfloat16 const* xs = nullptr;
@@ -378,10 +406,11 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto const sort_bytes = kernels::layout_sort_temp_bytes(static_cast<long long>(slots), config_.num_experts);
     auto size = [](std::size_t bytes) { return (bytes + 255) / 256 * 256; };
     std::size_t const cublas_ws = 4u << 20;
+    std::size_t const ffn_sync_bytes = kernels::decode_expert_ffn_sync_words(config_.num_experts) * sizeof(unsigned);
     workspace_bytes_ = size(2 * sizeof(kernels::device_status)) + size(N * E * 4) + size(slots * 4) * 7 +
                        size((E + 1) * 8) + size(sort_bytes) + size(slots * H * 2) + size(slots * F * 2) +
                        size(slots * H * y_elem) + size(3 * E * sizeof(void*)) + size(3 * S * sizeof(void*)) + size(16) +
-                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + size(16) + cublas_ws +
+                       size(N * SF * 2) + size(S * N * H * y_elem) + size(E * 4) + size(16) + size(ffn_sync_bytes) + cublas_ws +
                        (f32 ? size(E * H * 4) + size(S > 0 ? N * H * 2 : 0) : 0);
     SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, workspace_bytes_));
     auto* cursor = static_cast<std::byte*>(workspace_);
@@ -419,6 +448,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     }
     arrivals_ = carve<unsigned>(cursor, 4);
     SPECMOE_CUDA_TRY(cudaMemset(arrivals_, 0, 16));
+    ffn_sync_ = carve<unsigned>(cursor, ffn_sync_bytes / sizeof(unsigned));
+    SPECMOE_CUDA_TRY(cudaMemset(ffn_sync_, 0, ffn_sync_bytes));
     cublas_workspace_ = carve<std::byte>(cursor, cublas_ws);
     if (f32) {
       router_f32_ = carve<float>(cursor, E * H);
@@ -533,6 +564,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   __nv_bfloat16* x_bf16_ = nullptr;  // fp32_activations with shared experts: x rounded to bf16
   float* bias_ = nullptr;
   unsigned* arrivals_ = nullptr;  // the fused decode routing's block counter (zero between launches)
+  unsigned* ffn_sync_ = nullptr;  // the fused decode FFN's counters (zero between launches)
   std::byte* cublas_workspace_ = nullptr;
   kernels::grouped_weight_maps gate_up_maps_, down_maps_;
   std::vector<kernels::grouped_weight_maps> shared_maps_;  // per shared expert: gate_up, down
