@@ -5,7 +5,9 @@
 //   dispatch = plan (serving rank per token and expert, de-duplicated rows) + rows and routing to
 //              the owners + arrival; combine = one row per (token, destination) back + the reduce
 //              in token order. Each is timed on every rank (events), the slowest rank counts.
-// Counters: bytes_crossing (the largest rank's rows to other ranks, hidden x 2 bytes each),
+// ep_fp8/...: the same with fp8 dispatch (nvlink_direct; rows as e4m3 + a scale per 128 elements).
+// Counters: bytes_crossing (the largest rank's rows to other ranks, hidden x 2 bytes each; fp8
+// dispatch: hidden + hidden / 32 bytes),
 // algbw_GBps (bytes_crossing / time), ranks, gpus.
 #include "comm/ep_bench_support.cuh"
 
@@ -106,16 +108,16 @@ using bench::backend;
 
 struct measured {
   std::vector<std::vector<double>> parts;  // [dispatch, combine][round]
-  long long bytes_crossing = 0;
+  long long dispatch_bytes = 0, combine_bytes = 0;  // the largest rank's bytes to other ranks
 };
 
 // Builds the group for (backend, tokens) once and measures both parts; the three benchmark
 // names of a configuration share the measurement.
-measured const& measure(backend b, long long n) {
+measured const& measure(backend b, bool fp8, long long n) {
   static std::mutex m;
-  static std::map<std::pair<int, long long>, measured> cache;
+  static std::map<std::tuple<int, bool, long long>, measured> cache;
   std::lock_guard lock(m);
-  auto key = std::make_pair(static_cast<int>(b), n);
+  auto key = std::make_tuple(static_cast<int>(b), fp8, n);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   int const D = bench::ep_ranks();
   std::vector<long long> crossing(static_cast<std::size_t>(D));
@@ -134,7 +136,8 @@ measured const& measure(backend b, long long n) {
   job.setup = [&](int r) -> std::function<void(int, cudaStream_t)> {
     auto st = std::make_shared<rank_state>(make_rank(r, D, n));
     crossing[static_cast<std::size_t>(r)] = st->bytes_crossing;
-    ep_buffer_options const o{std::max<long long>(n, 1), hidden, top_k};
+    ep_buffer_options o{std::max<long long>(n, 1), hidden, top_k};
+    o.fp8_dispatch = fp8;
     int const sms = specmoe::detail::multiprocessor_count();
     auto run = [st, n, D, sms](auto comm) -> std::function<void(int, cudaStream_t)> {
       auto c = std::make_shared<decltype(comm)>(std::move(comm));
@@ -165,16 +168,18 @@ measured const& measure(backend b, long long n) {
   };
   measured result;
   result.parts = bench::run_ep_job(D, job);
-  result.bytes_crossing = *std::max_element(crossing.begin(), crossing.end());
+  result.combine_bytes = *std::max_element(crossing.begin(), crossing.end());
+  // fp8 rows: a byte per element and a 4-byte scale per 128
+  result.dispatch_bytes = fp8 ? result.combine_bytes / 2 / hidden * (hidden + hidden / kernels::ep_fp8_group * 4) : result.combine_bytes;
   return cache.emplace(key, std::move(result)).first->second;
 }
 
 // part: 0 dispatch, 1 combine, 2 both
-void ep_bench(benchmark::State& state, backend b, int part) {
+void ep_bench(benchmark::State& state, backend b, bool fp8, int part) {
   auto const n = state.range(0);
   measured const* m = nullptr;
   try {
-    m = &measure(b, n);
+    m = &measure(b, fp8, n);
   } catch (std::exception const& e) {
     state.SkipWithError(e.what());
     for (auto _ : state) {
@@ -190,7 +195,7 @@ void ep_bench(benchmark::State& state, backend b, int part) {
     state.SetIterationTime(t);
   }
   double const mean = total / static_cast<double>(std::max<std::size_t>(i, 1));
-  double const bytes = static_cast<double>(m->bytes_crossing) * (part == 2 ? 2 : 1);
+  double const bytes = static_cast<double>(part == 0 ? m->dispatch_bytes : part == 1 ? m->combine_bytes : m->dispatch_bytes + m->combine_bytes);
   state.counters["bytes_crossing"] = bytes;
   state.counters["algbw_GBps"] = mean > 0 ? bytes / mean * 1e-9 : 0;
   state.counters["ranks"] = bench::ep_ranks();
@@ -199,12 +204,16 @@ void ep_bench(benchmark::State& state, backend b, int part) {
 
 int register_all() {
   for (backend b : {backend::nvlink, backend::nccl}) {
-    for (int part = 0; part < 3; ++part) {
-      char const* what = part == 0 ? "dispatch" : part == 1 ? "combine" : "dispatch_combine";
-      auto* bm = benchmark::RegisterBenchmark((std::string("ep/") + what + "/" + bench::name(b)).c_str(),
-                                              [b, part](benchmark::State& s) { ep_bench(s, b, part); });
-      bm->ArgName("tokens")->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(12);
-      for (long long n : {1, 16, 128, 512, 2048, 8192}) bm->Arg(n);
+    for (bool fp8 : {false, true}) {
+      if (fp8 && b != backend::nvlink) continue;  // fp8 dispatch: nvlink_direct only
+      for (int part = 0; part < 3; ++part) {
+        if (fp8 && part == 1) continue;  // combine stays bf16: the same as the plain rows
+        char const* what = part == 0 ? "dispatch" : part == 1 ? "combine" : "dispatch_combine";
+        auto* bm = benchmark::RegisterBenchmark((std::string(fp8 ? "ep_fp8/" : "ep/") + what + "/" + bench::name(b)).c_str(),
+                                                [b, fp8, part](benchmark::State& s) { ep_bench(s, b, fp8, part); });
+        bm->ArgName("tokens")->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(12);
+        for (long long n : {1, 16, 128, 512, 2048, 8192}) bm->Arg(n);
+      }
     }
   }
   return 0;

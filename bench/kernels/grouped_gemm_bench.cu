@@ -11,8 +11,9 @@
 //   impl:   ours (automatic path, with the tensor maps) | stream / mma / wgmma (forced path) |
 //           cublas (one cublasGemmEx per non-empty expert with host-known counts; gate_up without
 //           the SwiGLU)
-// Also <shape>/ffn/fused|chain/tokens:<t> (shapes with F <= 2048): the whole decode FFN,
-//   kernels/decode_expert_ffn.cuh in one launch against the two GEMMs (automatic paths);
+// Also <shape>/ffn/chain|fused|fused_chunk8/tokens:<t> (shapes with F <= 2048): the whole decode
+//   FFN, kernels/decode_expert_ffn.cuh in one launch (rows one at a time, or in chunks of 8)
+//   against the two GEMMs (automatic paths);
 //   floor = the activated experts' three matrices / HBM BW.
 // Counters: TFLOPs, weight_GBps (bytes of the activated experts' weights / time), floor_ratio =
 //   time / max(bytes / measured HBM BW, flops / measured cuBLAS GEMM rate) where bytes = activated
@@ -269,7 +270,9 @@ void bench(benchmark::State& state, shape const* s, bool gate_up, impl which, in
 
 /// The whole expert FFN of a decode step: the fused decode launch (kernels/decode_expert_ffn.cuh)
 /// or the chain of the two grouped GEMMs (automatic paths, as the layer launches them).
-void bench_ffn(benchmark::State& state, shape const* sp, bool fused, int tokens) {
+/// chunk: 0 = the chain; 1 or 8 = the fused launch with rows in chunks of 1 or 8.
+void bench_ffn(benchmark::State& state, shape const* sp, int chunk, int tokens) {
+  bool const fused = chunk > 0;
   shape const& s = *sp;
   weights& w = model_weights(s);
   case_data& c = get_case(s, tokens);
@@ -294,7 +297,7 @@ void bench_ffn(benchmark::State& state, shape const* sp, bool fused, int tokens)
   a.h = c.h;
   auto launch = [&] {
     if (fused) {
-      CK(sk::launch_decode_expert_ffn(a, c.y, sync, g_stream, tokens == 1));
+      CK(sk::launch_decode_expert_ffn(a, c.y, sync, g_stream, chunk == 1));
     } else {
       CK(sk::launch_grouped_gate_up_swiglu(c.x, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream,
                                            sk::grouped_gemm_path::automatic, &w.maps_up));
@@ -353,9 +356,11 @@ int main(int argc, char** argv) {
   for (auto const& s : shapes) {  // the fused decode FFN where it applies (F <= 2048), beside the chain
     if (s.F > sk::decode_expert_ffn_max_ffn) continue;
     for (int tokens : {1, 2, 4, 16}) {
-      for (bool fused : {false, true}) {
-        std::string const name = std::string(s.name) + "/ffn/" + (fused ? "fused" : "chain") + "/tokens:" + std::to_string(tokens);
-        benchmark::RegisterBenchmark(name.c_str(), bench_ffn, &s, fused, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
+      for (int chunk : {0, 1, 8}) {
+        if (tokens == 1 && chunk == 8) continue;
+        std::string const name = std::string(s.name) + "/ffn/" + (chunk == 0 ? "chain" : chunk == 1 ? "fused" : "fused_chunk8") +
+                                 "/tokens:" + std::to_string(tokens);
+        benchmark::RegisterBenchmark(name.c_str(), bench_ffn, &s, chunk, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
       }
     }
   }

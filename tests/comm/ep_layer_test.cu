@@ -50,6 +50,7 @@ struct group_run {
   std::function<bool(int)> forwards = [](int) { return true; };  // ranks that call forward
   std::function<moe_config(int)> rank_config{};                   // per-rank config (mismatch tests)
   int graph_replays = 0;  // > 0: capture the forward in a CUDA graph and replay it
+  bool fp8_dispatch = false;  // nvlink_direct: rows cross as fp8
 };
 
 template <class Comm>
@@ -157,6 +158,7 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
         o.hidden = cfg.hidden_size;
         o.top_k = cfg.top_k;
         o.timeout = g.timeout;
+        o.fp8_dispatch = g.fp8_dispatch;
         run(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), o));
       } else {
 #if SPECMOE_HAS_NCCL
@@ -192,6 +194,21 @@ void require_matches_reference(moe_config const& cfg, moe_weights<bf16> const& h
                           got[r].used.view());
     test::require_close(got[r].out, want, n, H);
   }
+}
+
+// Rows as the experts see them under fp8 dispatch: each group of 128 elements through e4m3 with
+// its scale and back to bf16, by the same arithmetic as the kernels (kernels/ep_dispatch.cuh).
+std::vector<bf16> fp8_rounded(std::vector<bf16> const& x, int H) {
+  std::vector<bf16> r(x.size());
+  for (std::size_t base = 0; base < x.size(); base += kernels::ep_fp8_group) {
+    float amax = 0.0f;
+    for (int c = 0; c < kernels::ep_fp8_group; ++c) amax = std::max(amax, std::fabs(static_cast<float>(x[base + c])));
+    float const inverse = kernels::ep_fp8_inverse(amax), scale = kernels::ep_fp8_scale(amax);
+    for (int c = 0; c < kernels::ep_fp8_group; ++c)
+      r[base + c] = bf16(kernels::ep_fp8_decode(kernels::ep_fp8_encode(static_cast<float>(x[base + c]), inverse), scale));
+  }
+  REQUIRE(H % kernels::ep_fp8_group == 0);
+  return r;
 }
 
 std::vector<rank_input> random_inputs(moe_config const& cfg, std::vector<std::int64_t> const& tokens, std::uint64_t seed) {
@@ -250,6 +267,56 @@ TEST_CASE("ep layer (nvlink_direct) equals the host reference: gate routing, 1 t
       for (int r = 0; r < D; ++r)
         for (int d = 0; d < D; ++d) REQUIRE(got[static_cast<std::size_t>(r)].sent[static_cast<std::size_t>(d)] <= tokens[static_cast<std::size_t>(r)]);
     }
+  }
+}
+
+TEST_CASE("ep layer: fp8 dispatch equals the host reference on fp8-rounded rows", "[comm][ep][cuda][fp8]") {
+  for (int D : {1, 2, 4}) {
+    auto const cfg = softmax_config(64, 8, D);  // no shared experts: they read the unrounded rows
+    INFO("ranks " << D << " " << cfg);
+    synthetic::random_layer<bf16> host(cfg, static_cast<std::uint64_t>(D * 31));
+    std::vector<std::int64_t> tokens;
+    for (int r = 0; r < D; ++r) tokens.push_back(r == 1 ? 1 : 45 + 20 * r);
+    auto const in = random_inputs(cfg, tokens, 700 + static_cast<std::uint64_t>(D));
+    group_run g{cfg};
+    g.fp8_dispatch = true;
+    auto const got = run_group(g, backend_kind::nvlink, host.weights(), in);
+    auto const H = cfg.hidden_size;
+    for (std::size_t r = 0; r < in.size(); ++r) {
+      INFO("rank " << r << ": " << error_text(got[r].error));
+      REQUIRE(!got[r].error);
+      auto const n = in[r].n;
+      auto const rounded = fp8_rounded(in[r].x, H);
+      std::vector<bf16> want(static_cast<std::size_t>(n * H)), plain(want.size());
+      dense_reference<bf16>(cfg, host.weights(), matrix_view<bf16 const>(rounded.data(), n, H), matrix_view<bf16>(want.data(), n, H),
+                            got[r].used.view());
+      test::require_close(got[r].out, want, n, H);
+      // and the rounding did happen: the plain layer's output is measurably farther away
+      dense_reference<bf16>(cfg, host.weights(), matrix_view<bf16 const>(in[r].x.data(), n, H),
+                            matrix_view<bf16>(plain.data(), n, H), got[r].used.view());
+      double num = 0, den = 0;
+      for (std::size_t i = 0; i < plain.size(); ++i) {
+        double const a = static_cast<float>(got[r].out[i]), b = static_cast<float>(plain[i]);
+        num += (a - b) * (a - b);
+        den += b * b;
+      }
+      REQUIRE(std::sqrt(num / std::max(den, 1e-30)) > 2e-3);
+    }
+  }
+}
+
+TEST_CASE("ep layer: fp8 dispatch is refused where it cannot run", "[comm][ep][cuda][fp8][errors]") {
+  // hidden not a multiple of 128: refused at construction, naming the rule
+  auto cfg = softmax_config(8, 2, 2);
+  cfg.hidden_size = 200;
+  synthetic::random_layer<bf16> host(cfg, 5);
+  group_run g{cfg};
+  g.fp8_dispatch = true;
+  auto const got = run_group(g, backend_kind::nvlink, host.weights(), random_inputs(cfg, {3, 3}, 1));
+  for (auto const& r : got) {
+    REQUIRE(r.error);
+    CHECK(error_code(r.error) == errc::unsupported);
+    CHECK(error_text(r.error).find("multiple of 128") != std::string::npos);
   }
 }
 

@@ -25,6 +25,11 @@ struct ep_buffer_options {
   /// Also reserve the buffers of the shuffled reduce-scatter and all-gather (the layer's
   /// forward_tp_async, attention in tensor parallelism): 2 x ranks x max_tokens rows more.
   bool token_shuffle = false;
+  /// Dispatch rows as fp8 (e4m3, one fp32 scale per 128 elements; kernels/ep_dispatch.cuh), about
+  /// half the bytes on the links. Lossy: the experts see the rows rounded to fp8 (the gate and the
+  /// shared experts do not), so the layer's output is no longer the plain layer's. nvlink_direct
+  /// only; needs hidden % 128 == 0. Combine stays bf16.
+  bool fp8_dispatch = false;
 };
 
 /// @brief One dispatch, as the layer hands it to the backend (device pointers; see
@@ -129,6 +134,9 @@ inline void validate(ep_buffer_options const& o, int num_ranks) {
                   "ep_buffer_options::hidden must be a positive multiple of 8, got ", o.hidden);
   SPECMOE_EXPECTS(o.top_k > 0 && o.top_k <= 32, errc::invalid_argument, "ep_buffer_options::top_k must be in [1, 32], got ",
                   o.top_k);
+  SPECMOE_EXPECTS(!o.fp8_dispatch || o.hidden % kernels::ep_fp8_group == 0, errc::unsupported,
+                  "fp8 dispatch needs hidden to be a multiple of ", kernels::ep_fp8_group, " (one scale per ",
+                  kernels::ep_fp8_group, " elements), got ", o.hidden);
 }
 
 /// Checks that a dispatch fits the buffers (host side, before anything is enqueued).
@@ -142,6 +150,7 @@ inline void validate(ep_dispatch_args const& a, ep_buffer_options const& o) {
 struct ep_buffer_layout {
   std::size_t recv_x = 0, recv_ids = 0, recv_weights = 0, returned = 0, dispatch_flags = 0, combine_flags = 0, bytes = 0;
   std::size_t shuffle_partials = 0, shuffle_outputs = 0, scatter_flags = 0, gather_flags = 0;  // token_shuffle only
+  std::size_t recv_x8 = 0, recv_scales = 0;                                                 // fp8_dispatch only
 
   ep_buffer_layout(ep_buffer_options const& o, int D) {
     auto const rows = static_cast<std::size_t>(D) * static_cast<std::size_t>(o.max_tokens);
@@ -161,6 +170,10 @@ struct ep_buffer_layout {
       shuffle_outputs = take(rows * static_cast<std::size_t>(o.hidden) * 2);
       scatter_flags = take(static_cast<std::size_t>(D) * 8);
       gather_flags = take(static_cast<std::size_t>(D) * 8);
+    }
+    if (o.fp8_dispatch) {
+      recv_x8 = take(rows * static_cast<std::size_t>(o.hidden));
+      recv_scales = take(rows * static_cast<std::size_t>(o.hidden / kernels::ep_fp8_group) * 4);
     }
   }
 };

@@ -37,16 +37,20 @@ class nccl_alltoallv {
     s.options = options;
     detail::validate(options, s.D);
     s.sms = detail::multiprocessor_count();
-    long long const mine[4] = {options.max_tokens, options.hidden, options.top_k, options.token_shuffle ? 1 : 0};
-    std::vector<long long> all(static_cast<std::size_t>(4 * s.D));
+    long long const mine[5] = {options.max_tokens, options.hidden, options.top_k, options.token_shuffle ? 1 : 0,
+                               options.fp8_dispatch ? 1 : 0};
+    std::vector<long long> all(static_cast<std::size_t>(5 * s.D));
     s.boot.allgather(mine, sizeof mine, all.data());
     for (int r = 0; r < s.D; ++r) {
-      auto const* o = all.data() + 4 * r;
-      SPECMOE_EXPECTS(o[0] == mine[0] && o[1] == mine[1] && o[2] == mine[2] && o[3] == mine[3], errc::rank_mismatch,
-                      "nccl_alltoallv options differ: rank ", r, " has max_tokens ", o[0], ", hidden ", o[1], ", top_k ",
-                      o[2], ", token_shuffle ", o[3], "; rank ", s.rank, " has ", mine[0], ", ", mine[1], ", ", mine[2],
-                      ", ", mine[3]);
+      auto const* o = all.data() + 5 * r;
+      SPECMOE_EXPECTS(o[0] == mine[0] && o[1] == mine[1] && o[2] == mine[2] && o[3] == mine[3] && o[4] == mine[4],
+                      errc::rank_mismatch, "nccl_alltoallv options differ: rank ", r, " has max_tokens ", o[0], ", hidden ",
+                      o[1], ", top_k ", o[2], ", token_shuffle ", o[3], ", fp8_dispatch ", o[4], "; rank ", s.rank, " has ",
+                      mine[0], ", ", mine[1], ", ", mine[2], ", ", mine[3], ", ", mine[4]);
     }
+    // (after the exchange: every rank refuses together, none is left waiting in it)
+    SPECMOE_EXPECTS(!options.fp8_dispatch, errc::unsupported,
+                    "fp8 dispatch is built for nvlink_direct only; nccl_alltoallv carries bf16 rows");
     detail::ep_buffer_layout const layout(options, s.D);
     s.layout = layout;
     // Receive side (as nvlink_direct's), then the staging of the rows this rank sends.

@@ -70,6 +70,7 @@ class nvlink_direct {
     mine.hidden = options.hidden;
     mine.top_k = options.top_k;
     mine.token_shuffle = options.token_shuffle ? 1 : 0;
+    mine.fp8_dispatch = options.fp8_dispatch ? 1 : 0;
     mine.timeout_ms = options.timeout.count();
     // (IPC is only needed for peers in other processes; a failure matters only there)
     {
@@ -84,11 +85,13 @@ class nvlink_direct {
     for (int r = 0; r < s.D; ++r) {
       auto const& o = all[static_cast<std::size_t>(r)];
       SPECMOE_EXPECTS(o.max_tokens == mine.max_tokens && o.hidden == mine.hidden && o.top_k == mine.top_k &&
-                          o.timeout_ms == mine.timeout_ms && o.token_shuffle == mine.token_shuffle,
+                          o.timeout_ms == mine.timeout_ms && o.token_shuffle == mine.token_shuffle &&
+                          o.fp8_dispatch == mine.fp8_dispatch,
                       errc::rank_mismatch, "nvlink_direct options differ: rank ", r, " has max_tokens ", o.max_tokens,
                       ", hidden ", o.hidden, ", top_k ", o.top_k, ", timeout ", o.timeout_ms, " ms, token_shuffle ",
-                      o.token_shuffle, "; rank ", s.rank, " has ", mine.max_tokens, ", ", mine.hidden, ", ", mine.top_k,
-                      ", ", mine.timeout_ms, " ms, ", mine.token_shuffle);
+                      o.token_shuffle, ", fp8_dispatch ", o.fp8_dispatch, "; rank ", s.rank, " has ", mine.max_tokens, ", ",
+                      mine.hidden, ", ", mine.top_k, ", ", mine.timeout_ms, " ms, ", mine.token_shuffle, ", ",
+                      mine.fp8_dispatch);
     }
     s.peer.assign(static_cast<std::size_t>(s.D), nullptr);
     for (int r = 0; r < s.D; ++r) {
@@ -136,6 +139,10 @@ class nvlink_direct {
       tg.ids[d] = reinterpret_cast<std::int32_t*>(base + s.layout.recv_ids) + s.rank * cap * w;
       tg.weights[d] = reinterpret_cast<float*>(base + s.layout.recv_weights) + s.rank * cap * w;
       tg.width[d] = w;
+      if (s.options.fp8_dispatch) {
+        tg.x8[d] = reinterpret_cast<std::uint8_t*>(base + s.layout.recv_x8) + s.rank * cap * s.options.hidden;
+        tg.scales[d] = reinterpret_cast<float*>(base + s.layout.recv_scales) + s.rank * cap * (s.options.hidden / kernels::ep_fp8_group);
+      }
       sig.flag[d] = reinterpret_cast<unsigned long long*>(base + s.layout.dispatch_flags) + s.rank;
     }
     sig.arrivals = arrivals(0);
@@ -148,6 +155,11 @@ class nvlink_direct {
     auto const r = received();
     SPECMOE_CUDA_TRY(kernels::launch_ep_dispatch_wait(w, s.D, static_cast<int>(cap), a.width[static_cast<std::size_t>(s.rank)],
                                                       r.counts, r.ids, r.weights, a.status, s.sms, stream));
+    if (s.options.fp8_dispatch) {  // the rows the experts read: widened back to bf16 here
+      SPECMOE_CUDA_TRY(kernels::launch_ep_fp8_widen(reinterpret_cast<std::uint8_t const*>(s.own + s.layout.recv_x8),
+                                                    reinterpret_cast<float const*>(s.own + s.layout.recv_scales), r.counts, s.D,
+                                                    cap, s.options.hidden, r.x, s.sms, stream));
+    }
   }
 
   [[nodiscard]] ep_received received() const noexcept {
@@ -229,6 +241,7 @@ class nvlink_direct {
     int hidden;
     int ipc_ok;
     int token_shuffle;
+    int fp8_dispatch;
     cudaUUID_t uuid;  // which GPU, across processes
     cudaIpcMemHandle_t handle;
   };

@@ -7,6 +7,10 @@
 // there, compacted to the receiver's width, -1 after. Results come back into the same layout
 // ("returned" region d row i = the sum of destination d's experts for the token sent as row i).
 //
+// fp8 dispatch (optional, nvlink_direct): rows cross as e4m3 with one fp32 scale per 128
+// elements (the group's largest magnitude over 448) into separate fp8 regions, and the receiver
+// widens them back into the bf16 receive rows before the experts run. Lossy: off by default.
+//
 // Flags (direct backends): a 64-bit word per (receiver, source): epoch << 32 | row count, written
 // with a system-scope release after the rows; the receiver acquires it. The epoch is a device
 // counter, so forwards replayed from a CUDA graph stay in step without host arguments.
@@ -16,6 +20,7 @@
 #include <specmoe/kernels/gate.cuh>
 
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -39,14 +44,32 @@ struct ep_placement_view {
   std::int32_t const* local_index = nullptr;   ///< [D, E]: expert e's index on rank r, or -1
 };
 
+/// Elements per fp8 scale of the fp8 dispatch payload.
+inline constexpr int ep_fp8_group = 128;
+
 /// Where the rows of one source go, per destination d: regions of [capacity] rows (a peer's receive
 /// buffer for direct backends, a local staging buffer for NCCL). `width[d]` columns of ids/weights.
+/// With `x8[0]` set the rows go as fp8 into x8 / scales instead of x.
 struct ep_row_targets {
   __nv_bfloat16* x[ep_max_ranks] = {};
   std::int32_t* ids[ep_max_ranks] = {};
   float* weights[ep_max_ranks] = {};
   int width[ep_max_ranks] = {};
+  std::uint8_t* x8[ep_max_ranks] = {};  ///< [capacity, hidden] e4m3 rows (fp8 dispatch), else null
+  float* scales[ep_max_ranks] = {};     ///< [capacity, hidden / ep_fp8_group] their scales
 };
+
+/// The fp8 dispatch's arithmetic, the same on the host (tests) and the device: a group of
+/// ep_fp8_group elements with largest magnitude `amax` is sent as e4m3(v * inverse) (round to
+/// nearest, saturating) with `scale`, and comes back as bf16_rn(float(e4m3) * scale).
+__host__ __device__ inline float ep_fp8_scale(float amax) { return amax / 448.0f; }
+__host__ __device__ inline float ep_fp8_inverse(float amax) { return amax > 0.0f ? 448.0f / amax : 0.0f; }
+__host__ __device__ inline __nv_fp8_storage_t ep_fp8_encode(float v, float inverse) {
+  return __nv_cvt_float_to_fp8(v * inverse, __NV_SATFINITE, __NV_E4M3);
+}
+__host__ __device__ inline float ep_fp8_decode(__nv_fp8_storage_t q, float scale) {
+  return static_cast<float>(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3))) * scale;
+}
 
 /// Arrival signalling of a direct backend; `flag[0] == nullptr` means none (NCCL carries counts).
 struct ep_signal {
@@ -136,6 +159,51 @@ __device__ __forceinline__ void warp_copy_row(uint4* dst, uint4 const* __restric
     for (int u = 0; u < unroll; ++u) {
       int const v = base + u * 32 + lane;
       if (v < vecs) dst[v] = words[u];
+    }
+  }
+}
+
+/// fp8 dispatch: the warp encodes a row 32 x 8 elements at a time (one scale group per half-warp)
+/// and writes each piece, with its scales, to every destination the token goes to.
+__device__ inline void warp_send_row_fp8(uint4 const* __restrict__ src, int hidden, long long t, int D,
+                                         std::int32_t const* __restrict__ send_slot, ep_row_targets const& tg, int lane) {
+  int const vecs = hidden / 8, groups = hidden / ep_fp8_group;
+  constexpr int unroll = 4;
+  for (int base = 0; base < vecs; base += 32 * unroll) {
+    uint4 raw[unroll];
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) {
+      int const v = base + u * 32 + lane;
+      raw[u] = v < vecs ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) {
+      int const v = base + u * 32 + lane;
+      if (base + u * 32 >= vecs) break;  // uniform: hidden is a multiple of 128, so whole half-warps are in or out
+      auto const* h = reinterpret_cast<__nv_bfloat162 const*>(&raw[u]);
+      float f[8];
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float2 const p = __bfloat1622float2(h[i]);
+        f[2 * i] = p.x;
+        f[2 * i + 1] = p.y;
+        amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));  // the half-warp's group
+      float const inverse = ep_fp8_inverse(amax), scale = ep_fp8_scale(amax);
+      uint2 q;
+      auto* qb = reinterpret_cast<__nv_fp8_storage_t*>(&q);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) qb[c] = ep_fp8_encode(f[c], inverse);
+      if (v >= vecs) continue;
+      for (int d = 0; d < D; ++d) {
+        int const slot = send_slot[t * D + d];
+        if (slot < 0) continue;
+        *reinterpret_cast<uint2*>(tg.x8[d] + static_cast<long long>(slot) * hidden + v * 8) = q;
+        if ((lane & 15) == 0) tg.scales[d][static_cast<long long>(slot) * groups + v / 16] = scale;
+      }
     }
   }
 }
@@ -240,11 +308,12 @@ static __global__ void __launch_bounds__(256)
   long long const warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
   for (long long t = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
     auto const* src = reinterpret_cast<uint4 const*>(x + t * hidden);
+    bool const fp8 = tg.x8[0] != nullptr;
+    if (fp8) detail::warp_send_row_fp8(src, hidden, t, D, send_slot, tg, lane);
     for (int d = 0; d < D; ++d) {
       int const slot = send_slot[t * D + d];
       if (slot < 0) continue;
-      auto* dst = reinterpret_cast<uint4*>(tg.x[d] + static_cast<long long>(slot) * hidden);
-      detail::warp_copy_row(dst, src, vecs, lane);
+      if (!fp8) detail::warp_copy_row(reinterpret_cast<uint4*>(tg.x[d] + static_cast<long long>(slot) * hidden), src, vecs, lane);
       int const width = tg.width[d];
       bool const here = lane < k && dest_of[t * k + lane] == d;
       unsigned const b = __ballot_sync(0xffffffffu, here);
@@ -287,6 +356,29 @@ static __global__ void __launch_bounds__(256)
     }
   }
   if (w.arrivals) detail::ep_last_block(w.arrivals, [&] { *w.epoch = *w.epoch + 1; });
+}
+
+/// fp8 dispatch, receiver: a warp per row widens rows i < count of each source region from e4m3
+/// (x8, scales) back to bf16 (x), after ep_dispatch_wait_kernel has published the counts.
+static __global__ void __launch_bounds__(256)
+    ep_fp8_widen_kernel(std::uint8_t const* __restrict__ x8, float const* __restrict__ scales, std::int32_t const* __restrict__ counts,
+                        int D, long long capacity, int hidden, __nv_bfloat16* __restrict__ x) {
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  int const vecs = hidden / 8, groups = hidden / ep_fp8_group;
+  long long const rows = static_cast<long long>(D) * capacity;
+  long long const warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
+  for (long long r = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    if (r % capacity >= counts[r / capacity]) continue;
+    for (int v = lane; v < vecs; v += 32) {
+      uint2 const q = *reinterpret_cast<uint2 const*>(x8 + r * hidden + v * 8);
+      float const scale = scales[r * groups + v / 16];
+      auto const* qb = reinterpret_cast<__nv_fp8_storage_t const*>(&q);
+      float f[8];
+#pragma unroll
+      for (int c = 0; c < 8; ++c) f[c] = ep_fp8_decode(qb[c], scale);
+      detail::store8(x + r * hidden + v * 8, f);
+    }
+  }
 }
 
 /// A warp per received row: returns region s's result rows (i < count from s) into rank s's
@@ -385,6 +477,14 @@ inline cudaError_t launch_ep_dispatch_wait(ep_wait const& w, int D, int capacity
                                            std::int32_t* recv_ids, float* recv_weights, device_status* status, int sms,
                                            cudaStream_t stream) {
   ep_dispatch_wait_kernel<<<ep_wait_blocks(static_cast<long long>(D) * capacity * width, sms, w), 256, 0, stream>>>(w, D, capacity, width, recv_counts, recv_ids, recv_weights, status);
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_ep_fp8_widen(std::uint8_t const* x8, float const* scales, std::int32_t const* counts, int D, long long capacity,
+                                       int hidden, __nv_bfloat16* x, int sms, cudaStream_t stream) {
+  if (hidden % ep_fp8_group != 0) return cudaErrorInvalidValue;
+  ep_fp8_widen_kernel<<<ep_copy_blocks(static_cast<long long>(D) * capacity, sms), 256, 0, stream>>>(x8, scales, counts, D, capacity,
+                                                                                                    hidden, x);
   return cudaGetLastError();
 }
 
