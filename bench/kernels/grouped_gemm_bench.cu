@@ -193,6 +193,29 @@ void cublas_rowmajor(bf16 const* A, bf16 const* W, bf16* C, int m, int n, int k)
                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+/// Times `launch` once per benchmark iteration with a cold L2 (events on g_stream, after one
+/// warm-up) and returns the mean in seconds.
+template <class Launch>
+double timed_launches(benchmark::State& state, Launch const& launch) {
+  launch();  // warm-up
+  CK(cudaStreamSynchronize(g_stream));
+  double total_s = 0.0;
+  std::int64_t iters = 0;
+  for (auto _ : state) {
+    specmoe_bench::l2_flush(g_stream);
+    CK(cudaEventRecord(g_e0, g_stream));
+    launch();
+    CK(cudaEventRecord(g_e1, g_stream));
+    CK(cudaEventSynchronize(g_e1));
+    float ms = 0.0f;
+    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
+    state.SetIterationTime(ms * 1e-3);
+    total_s += ms * 1e-3;
+    ++iters;
+  }
+  return total_s / static_cast<double>(std::max<std::int64_t>(iters, 1));
+}
+
 enum class impl { ours, stream, mma, wgmma, cublas };
 char const* impl_name(impl i) {
   switch (i) {
@@ -229,23 +252,7 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
       CK(sk::launch_grouped_down(c.h, c.d_off, s.G, c.M, w.pd, s.F, s.F, s.H, c.y, g_stream, path, &w.maps_down));
     }
   };
-  launch();  // warm-up
-  CK(cudaStreamSynchronize(g_stream));
-  double total_s = 0.0;
-  std::int64_t iters = 0;
-  for (auto _ : state) {
-    specmoe_bench::l2_flush(g_stream);
-    CK(cudaEventRecord(g_e0, g_stream));
-    launch();
-    CK(cudaEventRecord(g_e1, g_stream));
-    CK(cudaEventSynchronize(g_e1));
-    float ms = 0.0f;
-    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
-    state.SetIterationTime(ms * 1e-3);
-    total_s += ms * 1e-3;
-    ++iters;
-  }
-  double const mean_s = total_s / static_cast<double>(std::max<std::int64_t>(iters, 1));
+  double const mean_s = timed_launches(state, launch);
   double const rows = static_cast<double>(c.off.back());
   double const in = gate_up ? s.H : s.F, out = gate_up ? 2.0 * s.F : s.H;
   double const flops = 2.0 * rows * in * out;
@@ -305,23 +312,7 @@ void bench_ffn(benchmark::State& state, shape const* sp, int chunk, int tokens) 
                                  &w.maps_down));
     }
   };
-  launch();  // warm-up
-  CK(cudaStreamSynchronize(g_stream));
-  double total_s = 0.0;
-  std::int64_t iters = 0;
-  for (auto _ : state) {
-    specmoe_bench::l2_flush(g_stream);
-    CK(cudaEventRecord(g_e0, g_stream));
-    launch();
-    CK(cudaEventRecord(g_e1, g_stream));
-    CK(cudaEventSynchronize(g_e1));
-    float ms = 0.0f;
-    CK(cudaEventElapsedTime(&ms, g_e0, g_e1));
-    state.SetIterationTime(ms * 1e-3);
-    total_s += ms * 1e-3;
-    ++iters;
-  }
-  double const mean_s = total_s / static_cast<double>(std::max<std::int64_t>(iters, 1));
+  double const mean_s = timed_launches(state, launch);
   double const wbytes = static_cast<double>(c.active) * 3.0 * s.H * s.F * 2.0;
   double const floor_s = wbytes / g_hbm_bw;
   state.counters["weight_GBps"] = wbytes / mean_s * 1e-9;
