@@ -162,7 +162,7 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
         run(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), o));
       } else {
 #if SPECMOE_HAS_NCCL
-        run(nccl_alltoallv(comms[static_cast<std::size_t>(r)], {g.max_tokens, cfg.hidden_size, cfg.top_k}));
+        run(nccl_alltoallv(comms[static_cast<std::size_t>(r)], {g.max_tokens, cfg.hidden_size, cfg.top_k}, g.timeout));
 #endif
       }
     } catch (...) {

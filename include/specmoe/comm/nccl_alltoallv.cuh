@@ -7,6 +7,11 @@
 // all_to_all_single with splits), and the rows go with exact sizes. Combine needs no exchange:
 // both sides know the counts from dispatch. Not capturable in a CUDA graph (the host sync);
 // nvlink_direct is the graph-friendly, host-sync-free backend.
+//
+// That host wait is bounded: it polls the stream and NCCL's asynchronous error, so a peer that
+// never joins the exchange (a rank that skipped the forward, a crashed process) ends in
+// errc::timeout and an NCCL failure in errc::comm, never a hang. The communicator is then stuck
+// in the unfinished exchange: the engine aborts it (ncclCommAbort) and rebuilds the group.
 #pragma once
 
 #include <specmoe/comm/device_backend.cuh>
@@ -15,8 +20,10 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 namespace specmoe {
@@ -30,8 +37,12 @@ class nccl_alltoallv {
  public:
   using space_type = cuda_space;
 
-  nccl_alltoallv(ncclComm_t comm, ep_buffer_options options) : s_(std::make_shared<state>(comm)) {
+  /// @param timeout how long dispatch's host wait for the count exchange may take (positive).
+  nccl_alltoallv(ncclComm_t comm, ep_buffer_options options, std::chrono::milliseconds timeout = std::chrono::milliseconds(10000))
+      : s_(std::make_shared<state>(comm)) {
     auto& s = *s_;
+    SPECMOE_EXPECTS(timeout.count() > 0, errc::invalid_argument, "nccl_alltoallv timeout must be positive");
+    s.timeout = timeout;
     s.rank = s.boot.rank();
     s.D = s.boot.size();
     s.options = options;
@@ -99,7 +110,7 @@ class nccl_alltoallv {
                                      cudaMemcpyDeviceToHost, stream));
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(s.host_counts + s.D, r.counts, sizeof(std::int32_t) * static_cast<std::size_t>(s.D),
                                      cudaMemcpyDeviceToHost, stream));
-    SPECMOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    wait_for_counts(stream);
     int const my_width = a.width[static_cast<std::size_t>(s.rank)];
     group([&] {
       for (int p = 0; p < s.D; ++p) {
@@ -210,6 +221,7 @@ class nccl_alltoallv {
     std::size_t stage_x_offset = 0, stage_ids_offset = 0, stage_weights_offset = 0, counts_offset = 0;
     std::byte* buffer = nullptr;
     std::int32_t* host_counts = nullptr;  // pinned [2D]: rows sent to, rows received from each peer
+    std::chrono::milliseconds timeout{10000};
     state(state const&) = delete;
     state& operator=(state const&) = delete;
     ~state() {
@@ -222,6 +234,28 @@ class nccl_alltoallv {
     SPECMOE_EXPECTS(r == ncclSuccess, errc::comm, what, " on rank ", s_->rank, " failed: ", ncclGetErrorString(r), " (",
                     ncclGetLastError(comm()), ")");
   }
+  /// The host wait of dispatch (the count exchange on `stream`), bounded by the timeout and cut
+  /// short by an NCCL asynchronous error.
+  void wait_for_counts(cudaStream_t stream) const {
+    auto const start = std::chrono::steady_clock::now();
+    for (unsigned polls = 0;; ++polls) {
+      cudaError_t const q = cudaStreamQuery(stream);
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) SPECMOE_CUDA_TRY(q);
+      if (polls % 64 != 63) continue;  // the clock and NCCL's state now and then; the stream as often as it can be asked
+      ncclResult_t async = ncclSuccess;
+      nccl(ncclCommGetAsyncError(comm(), &async), "ncclCommGetAsyncError");
+      SPECMOE_EXPECTS(async == ncclSuccess, errc::comm, "dispatch's count exchange on rank ", s_->rank, ": NCCL reported ",
+                      ncclGetErrorString(async), " (", ncclGetLastError(comm()), "); abort the communicator (ncclCommAbort)");
+      auto const waited = std::chrono::steady_clock::now() - start;
+      SPECMOE_EXPECTS(waited < s_->timeout, errc::timeout, "dispatch's count exchange on rank ", s_->rank,
+                      ": a peer did not join within ", s_->timeout.count(),
+                      " ms (a rank that skipped this forward, or a crashed process); the communicator is stuck in the "
+                      "exchange: abort it (ncclCommAbort) and rebuild the group");
+      if (waited > std::chrono::milliseconds(1)) std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
   /// ncclGroupStart/End around `f`, ending the group even when `f` throws.
   template <class F>
   void group(F&& f) const {
