@@ -107,6 +107,10 @@ TEST_CASE("cuda layer equals the host reference within bf16 tolerance", "[layer]
             differing += !same;
           }
           REQUIRE(differing <= std::max<std::int64_t>(1, n / 100));
+          if (n == 1) {  // the one-launch decode FFN against the three launches: the same bits
+            moe_layer<cuda_space> three(cfg, dev.views, {}, {.max_tokens = 1024, .one_launch_decode_ffn = false});
+            REQUIRE(specmoe::test::bit_equal(run_gpu(three, x, n).out, got.out));
+          }
         }
       }
     }

@@ -122,6 +122,9 @@ struct cuda_layer_options {
   /// Routed experts through caller tables (offloading); moe_weights::experts may then be empty
   /// views (they are ignored). Router and shared experts still come from moe_weights.
   std::optional<cuda_expert_tables> expert_tables{};
+  /// One-token steps (bf16 activations, FFN size up to 2048) run the gather, gate/up and down in
+  /// one launch (kernels/decode_expert_ffn.cuh) rather than three; the same bits either way.
+  bool one_launch_decode_ffn = true;
 };
 
 /// @brief One forward's input on cuda_space: device views. T is bf16 (cuda_batch) or float
@@ -256,7 +259,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     // One token: gather, gate/up and down in one launch (kernels/decode_expert_ffn.cuh).
     bool fused_ffn = false;
     if constexpr (!fp32) {
-      if (n == 1) {
+      if (n == 1 && options_.one_launch_decode_ffn) {
         kernels::decode_expert_ffn_args a;
         a.x = x;
         a.slots = layout_.sorted_slots;
