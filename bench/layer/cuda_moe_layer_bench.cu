@@ -7,6 +7,7 @@
 // deepseek_v3_slice32 is one rank of an 8-way expert-parallel DeepSeek-V3: its 32 local experts
 // get the slots of a random top-8 over 256 that land on them (engine routing, -1 elsewhere).
 // Each timed replay starts with a cold L2 (a 256 MiB overwrite between replays, not timed).
+// <model>_one_launch_ffn/1: one token with cuda_layer_options::one_launch_decode_ffn.
 // Counters: floor_us, x_floor (time / floor), experts_hit, TFLOPs, weight_GBps.
 #include <specmoe/layer/cuda_moe_layer.cuh>
 
@@ -112,7 +113,7 @@ model& get_model(int which) {
   return *current;
 }
 
-void layer_bench(benchmark::State& state, int which) {
+void layer_bench(benchmark::State& state, int which, bool one_launch_ffn = false) {
   auto& m = get_model(which);
   auto const& cfg = m.cfg;
   auto const n = state.range(0);
@@ -125,7 +126,7 @@ void layer_bench(benchmark::State& state, int which) {
   SPECMOE_BENCH_CUDA(cudaMalloc(&ids, static_cast<std::size_t>(n) * k * 4));
   SPECMOE_BENCH_CUDA(cudaMalloc(&w, static_cast<std::size_t>(n) * k * 4));
   {
-    moe_layer<cuda_space> layer(cfg, m.weights, {}, {.max_tokens = n});
+    moe_layer<cuda_space> layer(cfg, m.weights, {}, {.max_tokens = n, .one_launch_decode_ffn = one_launch_ffn});
     cuda_batch batch{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(x), n, H)};
     bool const engine_routing = which == 3;
     if (engine_routing) {
@@ -174,6 +175,10 @@ void mixtral(benchmark::State& s) { layer_bench(s, 0); }
 void qwen3_30b_a3b(benchmark::State& s) { layer_bench(s, 1); }
 void deepseek_v3(benchmark::State& s) { layer_bench(s, 2); }
 void deepseek_v3_slice32(benchmark::State& s) { layer_bench(s, 3); }
+// one token with cuda_layer_options::one_launch_decode_ffn (kernels/decode_expert_ffn.cuh)
+void qwen3_30b_a3b_one_launch_ffn(benchmark::State& s) { layer_bench(s, 1, true); }
+void deepseek_v3_one_launch_ffn(benchmark::State& s) { layer_bench(s, 2, true); }
+void deepseek_v3_slice32_one_launch_ffn(benchmark::State& s) { layer_bench(s, 3, true); }
 
 }  // namespace
 
@@ -181,3 +186,6 @@ BENCHMARK(mixtral)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTi
 BENCHMARK(qwen3_30b_a3b)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(deepseek_v3)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(deepseek_v3_slice32)->Arg(1)->Arg(16)->Arg(128)->Arg(1024)->Arg(8192)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(qwen3_30b_a3b_one_launch_ffn)->Arg(1)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(deepseek_v3_one_launch_ffn)->Arg(1)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(deepseek_v3_slice32_one_launch_ffn)->Arg(1)->UseManualTime()->Unit(benchmark::kMicrosecond);

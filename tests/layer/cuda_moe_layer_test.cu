@@ -108,8 +108,8 @@ TEST_CASE("cuda layer equals the host reference within bf16 tolerance", "[layer]
           }
           REQUIRE(differing <= std::max<std::int64_t>(1, n / 100));
           if (n == 1) {  // the one-launch decode FFN against the three launches: the same bits
-            moe_layer<cuda_space> three(cfg, dev.views, {}, {.max_tokens = 1024, .one_launch_decode_ffn = false});
-            REQUIRE(specmoe::test::bit_equal(run_gpu(three, x, n).out, got.out));
+            moe_layer<cuda_space> one(cfg, dev.views, {}, {.max_tokens = 1024, .one_launch_decode_ffn = true});
+            REQUIRE(specmoe::test::bit_equal(run_gpu(one, x, n).out, got.out));
           }
         }
       }
@@ -121,7 +121,7 @@ TEST_CASE("cuda layer: large batches, experts without tokens, graph capture", "[
   auto const cfg = gpu_config(256, 8, true, 1);
   synthetic::random_layer<bf16> host(cfg, 77);
   device_weights dev(host.weights());
-  moe_layer<cuda_space> layer(cfg, dev.views, {}, {.max_tokens = 16384});
+  moe_layer<cuda_space> layer(cfg, dev.views, {}, {.max_tokens = 16384, .one_launch_decode_ffn = true});
   for (std::int64_t n : {std::int64_t{3}, std::int64_t{16384}}) {  // 3 tokens: most experts get none
     auto const x = synthetic::random_activations<bf16>(n, cfg.hidden_size, 9);
     auto const got = run_gpu(layer, x, n);

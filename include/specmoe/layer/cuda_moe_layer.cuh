@@ -124,7 +124,8 @@ struct cuda_layer_options {
   std::optional<cuda_expert_tables> expert_tables{};
   /// One-token steps (bf16 activations, FFN size up to 2048) run the gather, gate/up and down in
   /// one launch (kernels/decode_expert_ffn.cuh) rather than three; the same bits either way.
-  bool one_launch_decode_ffn = true;
+  /// Off by default until its tests and figures come from a GPU (docs/benchmarks.md, issue 4).
+  bool one_launch_decode_ffn = false;
 };
 
 /// @brief One forward's input on cuda_space: device views. T is bf16 (cuda_batch) or float
@@ -146,7 +147,8 @@ struct cuda_routing_output {
 /// @brief The single-GPU layer: gate (cuBLAS logits + fused top-k), layout (stable radix sort),
 /// permute, grouped expert GEMMs (gate/up + SwiGLU, down), shared experts, combine. A one-token
 /// step (bf16, up to 256 experts) routes in one launch (kernels/decode_routing.cuh) and, with FFN
-/// sizes up to 2048, runs its experts in one more (kernels/decode_expert_ffn.cuh).
+/// sizes up to 2048 and cuda_layer_options::one_launch_decode_ffn, runs its experts in one more
+/// (kernels/decode_expert_ffn.cuh).
 ///
 /// `forward_async` only enqueues work on the caller's stream (capturable in a CUDA graph); bad
 /// input found on the device (NaN logits, expert ids out of range, non-finite routing weights)
