@@ -2,10 +2,11 @@
 # bench/run_cuda_decode.sh BIN_DIR OUT_DIR: the decode-latency slice of bench/run_cuda.sh, for
 # prebuilt binaries (cmake --preset cuda -DSPECMOE_BUILD_EXAMPLES=OFF, then the targets
 # specmoe_kernels_cuda_tests specmoe_layer_cuda_tests specmoe_kernels_routing_kernels_bench
-# specmoe_layer_cuda_moe_layer_bench): the two GPU test binaries, the gate kernels (automatic and
-# each path forced), the launch_cost rows and the fused decode routing beside its three-launch
-# chain, and the whole layer at 1 and 16
-# tokens (3 repetitions). Run on a GPU machine from the repository root:
+# specmoe_layer_cuda_moe_layer_bench specmoe_kernels_grouped_gemm_bench): the two GPU test
+# binaries, the gate kernels (automatic and each path forced), the launch_cost rows and the fused
+# decode routing beside its three-launch chain, the one-launch decode FFN beside the two GEMMs
+# (/ffn/ rows), and the whole layer at 1 and 16 tokens (3 repetitions; with the
+# <model>_one_launch_ffn/1 rows). Run on a GPU machine from the repository root:
 #   bash bench/run_cuda_decode.sh build/cuda/bin "$OUT"
 # BIN_DIR/../lib, where present, comes first on LD_LIBRARY_PATH (libraries carried with the binaries).
 set -uo pipefail
@@ -23,6 +24,9 @@ done
 timeout 120 "${bin}/specmoe_kernels_routing_kernels_bench" --benchmark_filter='^(gate|launch_cost|decode_routing|routing_chain)' \
   --benchmark_out="${out}/routing.json" --benchmark_out_format=json --benchmark_min_time=0.02 2>&1 |
   grep -E '^(gate|launch_cost|decode_routing|routing_chain)' | awk '{print $1, $2, $3}' || status=1
+timeout 100 "${bin}/specmoe_kernels_grouped_gemm_bench" --benchmark_filter='/ffn/' --benchmark_repetitions=3 \
+  --benchmark_out="${out}/ffn.json" --benchmark_out_format=json --benchmark_min_time=0.03 2>&1 |
+  grep -E '_median' | awk '{print $1, $2}' || status=1
 timeout 150 "${bin}/specmoe_layer_cuda_moe_layer_bench" --benchmark_filter='/(1|16)/manual_time' \
   --benchmark_repetitions=3 --benchmark_out="${out}/layer.json" --benchmark_out_format=json \
   --benchmark_min_time=0.05 2>&1 | grep -v '^\*\*\*WARNING' | grep -E 'ceilings|_median|_stddev' || status=1
