@@ -262,22 +262,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     bool fused_ffn = false;
     if constexpr (!fp32) {
       if (n == 1 && options_.one_launch_decode_ffn) {
-        kernels::decode_expert_ffn_args a;
-        a.x = x;
-        a.slots = layout_.sorted_slots;
-        a.top_k = k;
-        a.offsets = layout_.offsets;
-        a.G = E;
-        a.M_total = rows;
-        a.w_gate = gate_table_;
-        a.w_up = up_table_;
-        a.gate_up_ld = gate_up_ld_;
-        a.w_down = down_table_;
-        a.down_ld = down_ld_;
-        a.K = H;
-        a.F = config_.ffn_size;
-        a.N = H;
-        a.h = h_;
+        auto const a = decode_ffn_args(x, rows);
         fused_ffn = kernels::decode_expert_ffn_supported(a);
         if (fused_ffn) SPECMOE_CUDA_TRY(kernels::launch_decode_expert_ffn(a, y, ffn_sync_, stream));
       }
@@ -390,6 +375,27 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   void check_expert_tensor(expert_tensor<bf16> const& t, char const* name) const {
     SPECMOE_EXPECTS(t.row_stride % 8 == 0 && (t.count <= 1 || t.expert_stride % 8 == 0) && aligned(t.data),
                     errc::unsupported, name, " needs 16-byte aligned rows (strides multiples of 8 elements)");
+  }
+
+  /// The one-launch decode FFN over this layer's layout, tables and scratch, for `rows` slots of x.
+  [[nodiscard]] kernels::decode_expert_ffn_args decode_ffn_args(__nv_bfloat16 const* x, std::int64_t rows) const noexcept {
+    kernels::decode_expert_ffn_args a;
+    a.x = x;
+    a.slots = layout_.sorted_slots;
+    a.top_k = config_.top_k;
+    a.offsets = layout_.offsets;
+    a.G = config_.num_experts;
+    a.M_total = rows;
+    a.w_gate = gate_table_;
+    a.w_up = up_table_;
+    a.gate_up_ld = gate_up_ld_;
+    a.w_down = down_table_;
+    a.down_ld = down_ld_;
+    a.K = config_.hidden_size;
+    a.F = config_.ffn_size;
+    a.N = config_.hidden_size;
+    a.h = h_;
+    return a;
   }
 
   template <class T>
