@@ -306,9 +306,9 @@ static __global__ void __launch_bounds__(256)
   int const lane = static_cast<int>(threadIdx.x) % 32;
   int const vecs = hidden / 8;
   long long const warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
+  bool const fp8 = tg.x8[0] != nullptr;
   for (long long t = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
     auto const* src = reinterpret_cast<uint4 const*>(x + t * hidden);
-    bool const fp8 = tg.x8[0] != nullptr;
     if (fp8) detail::warp_send_row_fp8(src, hidden, t, D, send_slot, tg, lane);
     for (int d = 0; d < D; ++d) {
       int const slot = send_slot[t * D + d];
