@@ -199,16 +199,32 @@ void require_matches_reference(moe_config const& cfg, moe_weights<bf16> const& h
 // Rows as the experts see them under fp8 dispatch: each group of 128 elements through e4m3 with
 // its scale and back to bf16, by the same arithmetic as the kernels (kernels/ep_dispatch.cuh).
 std::vector<bf16> fp8_rounded(std::vector<bf16> const& x, int H) {
+  REQUIRE(H % kernels::ep_fp8_group == 0);
   std::vector<bf16> r(x.size());
   for (std::size_t base = 0; base < x.size(); base += kernels::ep_fp8_group) {
     float amax = 0.0f;
-    for (int c = 0; c < kernels::ep_fp8_group; ++c) amax = std::max(amax, std::fabs(static_cast<float>(x[base + c])));
+    for (int c = 0; c < kernels::ep_fp8_group; ++c) amax = std::max(amax, kernels::ep_fp8_magnitude(static_cast<float>(x[base + c])));
     float const inverse = kernels::ep_fp8_inverse(amax), scale = kernels::ep_fp8_scale(amax);
     for (int c = 0; c < kernels::ep_fp8_group; ++c)
       r[base + c] = bf16(kernels::ep_fp8_decode(kernels::ep_fp8_encode(static_cast<float>(x[base + c]), inverse), scale));
   }
-  REQUIRE(H % kernels::ep_fp8_group == 0);
   return r;
+}
+
+// Rows whose scale groups differ in magnitude (2^-8 .. 2^8), with an all-zero group and a group of
+// values so small that 448 / amax overflows: a scale read from the wrong group, or one scale a
+// row, would be off by powers of two; the tiny group would turn into NaN without the cap.
+void vary_group_magnitudes(std::vector<bf16>& x, int H) {
+  auto const groups = H / kernels::ep_fp8_group;
+  auto const rows = static_cast<std::int64_t>(x.size()) / H;
+  for (std::int64_t t = 0; t < rows; ++t)
+    for (int g = 0; g < groups; ++g) {
+      float const m = t == 0 && g == 1 ? 0.0f : t == 2 && g == 0 ? 1e-37f : std::ldexp(1.0f, static_cast<int>((t * 5 + g * 7) % 17) - 8);
+      for (int c = 0; c < kernels::ep_fp8_group; ++c) {
+        auto& v = x[static_cast<std::size_t>(t * H + g * kernels::ep_fp8_group + c)];
+        v = bf16(static_cast<float>(v) * m);
+      }
+    }
 }
 
 std::vector<rank_input> random_inputs(moe_config const& cfg, std::vector<std::int64_t> const& tokens, std::uint64_t seed) {
@@ -277,7 +293,9 @@ TEST_CASE("ep layer: fp8 dispatch equals the host reference on fp8-rounded rows"
     synthetic::random_layer<bf16> host(cfg, static_cast<std::uint64_t>(D * 31));
     std::vector<std::int64_t> tokens;
     for (int r = 0; r < D; ++r) tokens.push_back(r == 1 ? 1 : 45 + 20 * r);
-    auto const in = random_inputs(cfg, tokens, 700 + static_cast<std::uint64_t>(D));
+    auto in = random_inputs(cfg, tokens, 700 + static_cast<std::uint64_t>(D));
+    REQUIRE(cfg.hidden_size / kernels::ep_fp8_group >= 2);
+    for (auto& r : in) vary_group_magnitudes(r.x, cfg.hidden_size);
     group_run g{cfg};
     g.fp8_dispatch = true;
     auto const got = run_group(g, backend_kind::nvlink, host.weights(), in);

@@ -1,7 +1,8 @@
 // forward_tp_async: the MoE block with attention in tensor parallelism (shuffled reduce-scatter,
 // expert-parallel forward of the shard, shuffled all-gather), one thread per rank, against the host
 // reference of the summed partials; the device shuffle plan against plan_tp_shuffle slot for slot;
-// fewer rows crossing with good guesses; errors on every rank, outputs untouched.
+// the inter-layer predictors over layers in order against the host ones; fewer rows crossing with
+// good guesses; errors on every rank, outputs untouched.
 #include "support/cuda_testbed.cuh"
 #include "support/ep_testbed.cuh"
 #include "support/testbed.hpp"
@@ -10,6 +11,7 @@
 #include <specmoe/comm/nvlink_direct.cuh>
 #include <specmoe/layer/cuda_ep_layer.cuh>
 #include <specmoe/layer/dense_reference.hpp>
+#include <specmoe/router/device_layer_affinity.cuh>
 #include <specmoe/router/device_token_affinity.cuh>
 
 #include <functional>
@@ -58,131 +60,168 @@ struct tp_result {
 template <class Pred, class Place, class Comm>
 using tp_layer = moe_layer<cuda_space, Pred, Place, explicit_placement, all_resident, Comm>;
 
+/// What every runner needs: D ranks in one process, a stream each, and (for NCCL) communicators;
+/// `with_comm(r, use)` builds rank r's backend and hands it to `use`.
+struct rank_group {
+  int D = 1, devices = 1;
+  std::shared_ptr<in_process_group> group;
+  std::vector<cudaStream_t> streams;
+#if SPECMOE_HAS_NCCL
+  std::vector<ncclComm_t> comms;
+#endif
+  backend_kind backend;
+
+  rank_group(int ranks, backend_kind b) : D(ranks), devices(std::max(device_count(), 1)), backend(b) {
+    group = in_process_group::create(D, std::chrono::seconds(30));
+    streams.resize(static_cast<std::size_t>(D));
+    for (int r = 0; r < D; ++r) {
+      SPECMOE_CUDA_TRY(cudaSetDevice(r % devices));
+      SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking));
+    }
+#if SPECMOE_HAS_NCCL
+    if (backend == backend_kind::nccl) {
+      comms.resize(static_cast<std::size_t>(D));
+      std::vector<int> devs(static_cast<std::size_t>(D));
+      for (int r = 0; r < D; ++r) devs[static_cast<std::size_t>(r)] = r % devices;
+      SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), D, devs.data()));
+    }
+#endif
+  }
+  rank_group(rank_group const&) = delete;
+  rank_group& operator=(rank_group const&) = delete;
+  ~rank_group() {
+    for (auto st : streams) cudaStreamDestroy(st);
+#if SPECMOE_HAS_NCCL
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  }
+
+  template <class Use>
+  void with_comm(int r, ep_buffer_options const& o, std::chrono::milliseconds timeout, Use&& use) {
+    if (backend == backend_kind::nvlink) {
+      nvlink_direct_options no;
+      static_cast<ep_buffer_options&>(no) = o;
+      no.timeout = timeout;
+      use(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), no));
+    } else {
+#if SPECMOE_HAS_NCCL
+      use(nccl_alltoallv(comms[static_cast<std::size_t>(r)], o));
+#endif
+    }
+  }
+
+  /// Runs body(r) on one thread per rank (device set), collecting what it throws.
+  template <class Body>
+  std::vector<std::exception_ptr> run(Body&& body) {
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(D));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < D; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          SPECMOE_CUDA_TRY(cudaSetDevice(r % devices));
+          body(r);
+        } catch (...) {
+          errors[static_cast<std::size_t>(r)] = std::current_exception();
+        }
+      });
+    for (auto& t : threads) t.join();
+    return errors;
+  }
+};
+
+ep_buffer_options shuffle_buffers(moe_config const& cfg, std::int64_t max_tokens) {
+  ep_buffer_options o;
+  o.max_tokens = max_tokens;
+  o.hidden = cfg.hidden_size;
+  o.top_k = cfg.top_k;
+  o.token_shuffle = true;
+  return o;
+}
+
 std::vector<tp_result> run_tp(tp_run const& g, moe_weights<bf16> const& host) {
   int const D = g.cfg.num_ranks;
-  int const devices = std::max(device_count(), 1);
   auto const placement = contiguous_blocks{}.place(g.cfg, 0);
   std::vector<tp_result> results(static_cast<std::size_t>(D));
-  auto group = in_process_group::create(D, std::chrono::seconds(30));
-  std::vector<cudaStream_t> streams(static_cast<std::size_t>(D));
-  for (int r = 0; r < D; ++r) {
-    SPECMOE_CUDA_TRY(cudaSetDevice(r % devices));
-    SPECMOE_CUDA_TRY(cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking));
-  }
-#if SPECMOE_HAS_NCCL
-  std::vector<ncclComm_t> comms(static_cast<std::size_t>(D));
-  if (g.backend == backend_kind::nccl) {
-    std::vector<int> devs(static_cast<std::size_t>(D));
-    for (int r = 0; r < D; ++r) devs[static_cast<std::size_t>(r)] = r % devices;
-    SPECMOE_NCCL_TRY(ncclCommInitAll(comms.data(), D, devs.data()));
-  }
-#endif
+  rank_group ranks(D, g.backend);
   auto const T = g.tokens;
   auto const H = g.cfg.hidden_size, k = g.cfg.top_k;
   auto body = [&](int r) {
     auto& res = results[static_cast<std::size_t>(r)];
-    try {
-      SPECMOE_CUDA_TRY(cudaSetDevice(r % devices));
-      rank_weights w(g.cfg, host, placement.local_experts(r));
-      cudaStream_t const stream = streams[static_cast<std::size_t>(r)];
-      auto run = [&](auto comm, auto predictor, auto place) {
-        using C = decltype(comm);
-        tp_layer<decltype(predictor), decltype(place), C> layer(
-            g.cfg, w.views, {.predictor = predictor, .grouping = explicit_placement(placement), .comm = comm},
-            {.max_tokens = g.max_tokens});
-        dev_buf<bf16> partial(g.partial[static_cast<std::size_t>(r)]), out(static_cast<std::size_t>(T * H), 0xff);
-        std::unique_ptr<dev_buf<std::int32_t>> gids, pred, tok;
-        std::unique_ptr<dev_buf<float>> gw, conf;
-        cuda_tp_batch b{matrix_view<bf16 const>(partial.p, T, H)};
-        if (g.given) {
-          gids = std::make_unique<dev_buf<std::int32_t>>(g.given->topk_ids);
-          gw = std::make_unique<dev_buf<float>>(g.given->topk_weights);
-          b.routing = routing_view{std::span<std::int32_t const>(gids->p, gids->n), std::span<float const>(gw->p, gw->n), T, k};
+    rank_weights w(g.cfg, host, placement.local_experts(r));
+    cudaStream_t const stream = ranks.streams[static_cast<std::size_t>(r)];
+    auto run = [&](auto comm, auto predictor, auto place) {
+      using C = decltype(comm);
+      tp_layer<decltype(predictor), decltype(place), C> layer(
+          g.cfg, w.views, {.predictor = predictor, .grouping = explicit_placement(placement), .comm = comm},
+          {.max_tokens = g.max_tokens});
+      dev_buf<bf16> partial(g.partial[static_cast<std::size_t>(r)]), out(static_cast<std::size_t>(T * H), 0xff);
+      std::unique_ptr<dev_buf<std::int32_t>> gids, pred, tok;
+      std::unique_ptr<dev_buf<float>> gw, conf;
+      cuda_tp_batch b{matrix_view<bf16 const>(partial.p, T, H)};
+      if (g.given) {
+        gids = std::make_unique<dev_buf<std::int32_t>>(g.given->topk_ids);
+        gw = std::make_unique<dev_buf<float>>(g.given->topk_weights);
+        b.routing = routing_view{std::span<std::int32_t const>(gids->p, gids->n), std::span<float const>(gw->p, gw->n), T, k};
+      }
+      if (g.how == guesses::engine) {
+        pred = std::make_unique<dev_buf<std::int32_t>>(std::vector<std::int32_t>(g.predicted.begin(), g.predicted.end()));
+        b.predicted_rank = pred->p;
+        if (!g.confidence.empty()) {
+          conf = std::make_unique<dev_buf<float>>(g.confidence);
+          b.predicted_confidence = conf->p;
         }
-        if (g.how == guesses::engine) {
-          pred = std::make_unique<dev_buf<std::int32_t>>(std::vector<std::int32_t>(g.predicted.begin(), g.predicted.end()));
-          b.predicted_rank = pred->p;
-          if (!g.confidence.empty()) {
-            conf = std::make_unique<dev_buf<float>>(g.confidence);
-            b.predicted_confidence = conf->p;
-          }
-        }
-        if (!g.token_ids.empty()) {
-          tok = std::make_unique<dev_buf<std::int32_t>>(g.token_ids);
-          b.token_ids = tok->p;
-        }
-        matrix_view<bf16> const out_view(out.p, T, H);
-        int token = r, tokens[kernels::ep_max_ranks];
-        layer.comm().allgather(&token, sizeof token, tokens);
-        std::exception_ptr failed;
-        try {
-          if (g.forwards(r) && g.graph_replays > 0) {
-            cudaGraph_t graph;
-            cudaGraphExec_t exec;
-            SPECMOE_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-            layer.forward_tp_async(b, out_view, stream);
-            SPECMOE_CUDA_TRY(cudaStreamEndCapture(stream, &graph));
-            SPECMOE_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
-            for (int i = 0; i < g.graph_replays; ++i) {
-              SPECMOE_CUDA_TRY(cudaMemsetAsync(out.p, 0xff, out.n * sizeof(bf16), stream));
-              SPECMOE_CUDA_TRY(cudaGraphLaunch(exec, stream));
-            }
-            layer.check(stream);
-            cudaGraphExecDestroy(exec);
-            cudaGraphDestroy(graph);
-          } else if (g.forwards(r)) {
-            // two forwards on the same buffers (the epochs advance), then the checks
-            layer.forward_tp_async(b, out_view, stream);
+      }
+      if (!g.token_ids.empty()) {
+        tok = std::make_unique<dev_buf<std::int32_t>>(g.token_ids);
+        b.token_ids = tok->p;
+      }
+      matrix_view<bf16> const out_view(out.p, T, H);
+      int token = r, tokens[kernels::ep_max_ranks];
+      layer.comm().allgather(&token, sizeof token, tokens);
+      std::exception_ptr failed;
+      try {
+        if (g.forwards(r) && g.graph_replays > 0) {
+          cudaGraph_t graph;
+          cudaGraphExec_t exec;
+          SPECMOE_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+          layer.forward_tp_async(b, out_view, stream);
+          SPECMOE_CUDA_TRY(cudaStreamEndCapture(stream, &graph));
+          SPECMOE_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
+          for (int i = 0; i < g.graph_replays; ++i) {
             SPECMOE_CUDA_TRY(cudaMemsetAsync(out.p, 0xff, out.n * sizeof(bf16), stream));
-            layer.forward_tp_async(b, out_view, stream);
-            layer.check(stream);
+            SPECMOE_CUDA_TRY(cudaGraphLaunch(exec, stream));
           }
-        } catch (...) {
-          failed = std::current_exception();
+          layer.check(stream);
+          cudaGraphExecDestroy(exec);
+          cudaGraphDestroy(graph);
+        } else if (g.forwards(r)) {
+          // two forwards on the same buffers (the epochs advance), then the checks
+          layer.forward_tp_async(b, out_view, stream);
+          SPECMOE_CUDA_TRY(cudaMemsetAsync(out.p, 0xff, out.n * sizeof(bf16), stream));
+          layer.forward_tp_async(b, out_view, stream);
+          layer.check(stream);
         }
-        res.out = out.host();
-        res.ranks = layer.token_ranks(stream);
-        res.sent = layer.sent_rows(stream);
-        layer.comm().allgather(&token, sizeof token, tokens);  // nobody frees what a peer may still write
-        if (failed) std::rethrow_exception(failed);
-      };
-      ep_buffer_options o;
-      o.max_tokens = g.max_tokens;
-      o.hidden = H;
-      o.top_k = k;
-      o.token_shuffle = true;
-      auto with_comm = [&](auto&& use) {
-        if (g.backend == backend_kind::nvlink) {
-          nvlink_direct_options no;
-          static_cast<ep_buffer_options&>(no) = o;
-          no.timeout = g.timeout;
-          use(nvlink_direct(std::make_shared<in_process_group::member>(group->join(r)), no));
-        } else {
-#if SPECMOE_HAS_NCCL
-          use(nccl_alltoallv(comms[static_cast<std::size_t>(r)], o));
-#endif
-        }
-      };
-      with_comm([&](auto comm) {
-        if (g.how == guesses::table)
-          run(comm, device_token_affinity(*g.table), tp_balanced_shuffle{});
-        else if (g.how == guesses::engine)
-          run(comm, no_prediction{}, tp_balanced_shuffle{});
-        else
-          run(comm, no_prediction{}, stay{});
-      });
-    } catch (...) {
-      res.error = std::current_exception();
-    }
+      } catch (...) {
+        failed = std::current_exception();
+      }
+      res.out = out.host();
+      res.ranks = layer.token_ranks(stream);
+      res.sent = layer.sent_rows(stream);
+      layer.comm().allgather(&token, sizeof token, tokens);  // nobody frees what a peer may still write
+      if (failed) std::rethrow_exception(failed);
+    };
+    ranks.with_comm(r, shuffle_buffers(g.cfg, g.max_tokens), g.timeout, [&](auto comm) {
+      if (g.how == guesses::table)
+        run(comm, device_token_affinity(*g.table), tp_balanced_shuffle{});
+      else if (g.how == guesses::engine)
+        run(comm, no_prediction{}, tp_balanced_shuffle{});
+      else
+        run(comm, no_prediction{}, stay{});
+    });
   };
-  std::vector<std::thread> threads;
-  for (int r = 0; r < D; ++r) threads.emplace_back(body, r);
-  for (auto& t : threads) t.join();
-  for (auto st : streams) cudaStreamDestroy(st);
-#if SPECMOE_HAS_NCCL
-  if (g.backend == backend_kind::nccl)
-    for (auto c : comms) ncclCommDestroy(c);
-#endif
+  auto const errors = ranks.run(body);
+  for (int r = 0; r < D; ++r)
+    if (errors[static_cast<std::size_t>(r)]) results[static_cast<std::size_t>(r)].error = errors[static_cast<std::size_t>(r)];
   return results;
 }
 
@@ -421,6 +460,210 @@ TEST_CASE("forward_tp: errors reach every rank, outputs stay untouched", "[comm]
   }
 }
 
+namespace {
+
+// Three MoE layers in order on every rank, sharing one backend and one device_rank_history, each
+// guessing with device_history_affinity<UseTokens> (layer l of a plan); the same batch through all.
+struct layered_run {
+  moe_config cfg;  // layer l runs with cfg.layer = l
+  std::int64_t tokens = 0;
+  std::vector<std::vector<bf16>> partial;  // [D][T * H]
+  std::vector<routing> given;              // [layers] routing of all T tokens at each layer
+  std::vector<std::int32_t> token_ids;     // [T]
+  std::shared_ptr<grouping::speculative_plan const> plan;
+  backend_kind backend = backend_kind::nvlink;
+  std::int64_t max_tokens = 128;
+};
+
+struct layered_result {
+  std::vector<std::vector<bf16>> out;    // [layers][T * H]
+  std::vector<std::vector<int>> ranks;   // [layers][T] each layer's shuffle plan
+};
+
+template <bool UseTokens>
+std::vector<layered_result> run_tp_layers(layered_run const& g, moe_weights<bf16> const& host,
+                                          std::vector<std::exception_ptr>& errors) {
+  int const D = g.cfg.num_ranks, layers = g.plan->layers;
+  auto const placement = contiguous_blocks{}.place(g.cfg, 0);
+  auto const T = g.tokens;
+  auto const H = g.cfg.hidden_size, k = g.cfg.top_k;
+  std::vector<layered_result> results(static_cast<std::size_t>(D));
+  rank_group ranks(D, g.backend);
+  errors = ranks.run([&](int r) {
+    auto& res = results[static_cast<std::size_t>(r)];
+    rank_weights w(g.cfg, host, placement.local_experts(r));
+    cudaStream_t const stream = ranks.streams[static_cast<std::size_t>(r)];
+    auto history = std::make_shared<device_rank_history>(layers, T);
+    ranks.with_comm(r, shuffle_buffers(g.cfg, g.max_tokens), std::chrono::milliseconds(5000), [&](auto comm) {
+      using predictor = device_history_affinity<UseTokens>;
+      using layer_type = tp_layer<predictor, tp_balanced_shuffle, decltype(comm)>;
+      std::vector<std::unique_ptr<layer_type>> stack;
+      for (int l = 0; l < layers; ++l) {
+        auto c = g.cfg;
+        c.layer = l;
+        stack.push_back(std::make_unique<layer_type>(
+            c, w.views,
+            typename layer_type::policies_type{.predictor = predictor(g.plan, l, history),
+                                               .grouping = explicit_placement(placement),
+                                               .comm = comm},
+            cuda_ep_layer_options{.max_tokens = g.max_tokens}));
+      }
+      dev_buf<bf16> partial(g.partial[static_cast<std::size_t>(r)]);
+      dev_buf<std::int32_t> tok(g.token_ids);
+      std::vector<std::unique_ptr<dev_buf<std::int32_t>>> ids;
+      std::vector<std::unique_ptr<dev_buf<float>>> weights;
+      std::vector<std::unique_ptr<dev_buf<bf16>>> outs;
+      for (int l = 0; l < layers; ++l) {
+        ids.push_back(std::make_unique<dev_buf<std::int32_t>>(g.given[static_cast<std::size_t>(l)].topk_ids));
+        weights.push_back(std::make_unique<dev_buf<float>>(g.given[static_cast<std::size_t>(l)].topk_weights));
+        outs.push_back(std::make_unique<dev_buf<bf16>>(static_cast<std::size_t>(T * H), 0xff));
+      }
+      int token = r, tokens[kernels::ep_max_ranks];
+      comm.allgather(&token, sizeof token, tokens);
+      std::exception_ptr failed;
+      try {
+        for (int pass = 0; pass < 2; ++pass) {  // the second pass reads the same history again
+          for (int l = 0; l < layers; ++l) {
+            auto const& id = *ids[static_cast<std::size_t>(l)];
+            auto const& wt = *weights[static_cast<std::size_t>(l)];
+            cuda_tp_batch b{matrix_view<bf16 const>(partial.p, T, H), tok.p};
+            b.routing = routing_view{std::span<std::int32_t const>(id.p, id.n), std::span<float const>(wt.p, wt.n), T, k};
+            SPECMOE_CUDA_TRY(cudaMemsetAsync(outs[static_cast<std::size_t>(l)]->p, 0xff, outs[static_cast<std::size_t>(l)]->n * 2,
+                                             stream));
+            stack[static_cast<std::size_t>(l)]->forward_tp_async(b, matrix_view<bf16>(outs[static_cast<std::size_t>(l)]->p, T, H),
+                                                                 stream);
+          }
+        }
+        for (auto& layer : stack) layer->check(stream);
+      } catch (...) {
+        failed = std::current_exception();
+      }
+      for (int l = 0; l < layers; ++l) {
+        res.out.push_back(outs[static_cast<std::size_t>(l)]->host());
+        res.ranks.push_back(stack[static_cast<std::size_t>(l)]->token_ranks(stream));
+      }
+      comm.allgather(&token, sizeof token, tokens);  // nobody frees what a peer may still write
+      if (failed) std::rethrow_exception(failed);
+    });
+  });
+  return results;
+}
+
+// The host predictors' plans over the same layers: each layer's shuffle plan, and (with_history =
+// false) the same without the inter-layer guesses, so the test sees that the history mattered.
+template <bool UseTokens>
+std::vector<std::vector<int>> host_layer_plans(layered_run const& g, bool with_history) {
+  int const D = g.cfg.num_ranks;
+  auto const T = g.tokens;
+  auto const placement = contiguous_blocks{}.place(g.cfg, 0);
+  history_affinity_prediction<UseTokens> predictor(g.plan, std::make_shared<rank_history>());
+  std::vector<std::int64_t> const ids(g.token_ids.begin(), g.token_ids.end());
+  std::vector<int> const home(static_cast<std::size_t>(T), 0);
+  std::vector<std::vector<int>> plans;
+  for (int l = 0; l < g.plan->layers; ++l) {
+    auto c = g.cfg;
+    c.layer = l;
+    prediction p;
+    predictor.predict(prediction_request{c, T, home, ids, matrix_view<float const>{}, placement}, p);
+    plans.push_back(plan_tp_shuffle(p.rank, p.confidence, T, D).rank);
+    if (with_history)
+      predictor.observe(routing_observation{c, home, home, ids, g.given[static_cast<std::size_t>(l)].view(), placement, &p});
+  }
+  return plans;
+}
+
+layered_run make_layered_run(int D, std::int64_t T, backend_kind backend, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto const cfg = tp_config(D, false);
+  auto const base = make_run(cfg, T, seed);
+  layered_run g{cfg, T, base.partial};
+  g.backend = backend;
+  g.max_tokens = std::max<std::int64_t>(128, tp_shard_rows(T, D));
+  auto plan = std::make_shared<grouping::speculative_plan>();
+  plan->layers = 3;
+  plan->experts = cfg.num_experts;
+  plan->ranks = D;
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  for (int l = 0; l < plan->layers; ++l) {
+    grouping::plan_layer L;
+    for (int e = 0; e < cfg.num_experts; ++e) L.expert_rank.push_back(e / (cfg.num_experts / D));
+    for (std::int32_t id = 0; id < 50; id += 2) {
+      L.token_ids.push_back(id);
+      L.token_rank.push_back(static_cast<int>(rng() % static_cast<unsigned>(D)));
+      L.token_confidence.push_back(id % 10 == 0 ? 0.0f : unit(rng));
+    }
+    if (l >= 2) {  // A: some 2-grams unseen (-1), some more confident than any T
+      for (int ab = 0; ab < D * D; ++ab) {
+        bool const seen = rng() % 5 != 0;
+        L.ngram_rank.push_back(seen ? static_cast<int>(rng() % static_cast<unsigned>(D)) : -1);
+        L.ngram_confidence.push_back(seen ? 0.3f + 0.7f * unit(rng) : 0.0f);
+      }
+    }
+    plan->per_layer.push_back(std::move(L));
+    g.given.push_back(random_routing(cfg, T, seed * 13 + static_cast<std::uint64_t>(l)));
+  }
+  for (std::int64_t t = 0; t < T; ++t) g.token_ids.push_back(static_cast<std::int32_t>(rng() % 60));
+  g.plan = plan;
+  return g;
+}
+
+template <bool UseTokens>
+void require_layered_matches_host(layered_run const& g) {
+  synthetic::random_layer<bf16> host(g.cfg, 23);
+  std::vector<std::exception_ptr> errors;
+  auto const got = run_tp_layers<UseTokens>(g, host.weights(), errors);
+  auto const want = host_layer_plans<UseTokens>(g, true);
+  auto const without = host_layer_plans<UseTokens>(g, false);
+  REQUIRE(want[2] != without[2]);  // the 2-gram moved tokens at layer 2: a lost history would show
+  for (int l = 0; l < g.plan->layers; ++l) {
+    INFO("layer " << l);
+    tp_run one{g.cfg, g.tokens, g.partial, g.given[static_cast<std::size_t>(l)]};
+    std::vector<tp_result> per_rank;
+    for (std::size_t r = 0; r < got.size(); ++r) {
+      INFO("rank " << r << ": " << error_text(errors[r]));
+      REQUIRE(!errors[r]);
+      REQUIRE(got[r].ranks[static_cast<std::size_t>(l)] == want[static_cast<std::size_t>(l)]);
+      per_rank.push_back({got[r].out[static_cast<std::size_t>(l)], {}, {}, nullptr});
+    }
+    require_matches_reference(one, host.weights(), per_rank);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("forward_tp: the inter-layer predictors on the device guess as the host ones, layer after layer",
+          "[comm][tp][cuda][affinity]") {
+  for (int D : {2, 4}) {
+    for (std::int64_t T : {9, 203}) {
+      INFO("ranks " << D << " tokens " << T);
+      auto const g = make_layered_run(D, T, backend_kind::nvlink, static_cast<std::uint64_t>(D * 1000 + T));
+      require_layered_matches_host<false>(g);  // A alone
+      require_layered_matches_host<true>(g);   // T and A, the more confident
+    }
+  }
+}
+
+TEST_CASE("forward_tp: inter-layer predictor misuse is refused before any work", "[comm][tp][cuda][affinity][errors]") {
+  auto const g = make_layered_run(2, 20, backend_kind::nvlink, 5);
+  auto history = std::make_shared<device_rank_history>(3, 10);  // too few tokens a layer
+  auto capture = [](auto&& f) -> std::exception_ptr {
+    try {
+      f();
+    } catch (...) {
+      return std::current_exception();
+    }
+    return nullptr;
+  };
+  device_layer_affinity p(g.plan, 2, history);
+  auto const err = capture([&] { (void)p.served_ranks_target(20); });
+  REQUIRE(error_code(err) == errc::invalid_argument);
+  REQUIRE(error_text(err).find("holds 10 tokens a layer, the batch has 20") != std::string::npos);
+  auto const bad_layer = capture([&] { device_layer_affinity(g.plan, 3, history); });
+  REQUIRE(error_code(bad_layer) == errc::invalid_argument);
+  REQUIRE(error_text(bad_layer).find("layer 3 is outside") != std::string::npos);
+  REQUIRE(history->at(2, 20) == nullptr);  // nothing recorded by a refused call
+}
+
 #if SPECMOE_HAS_NCCL
 TEST_CASE("forward_tp (nccl_alltoallv) equals the reference", "[comm][tp][cuda][nccl]") {
   int const D = std::min(std::max(device_count(), 1), 4);  // NCCL: one rank per GPU
@@ -432,5 +675,6 @@ TEST_CASE("forward_tp (nccl_alltoallv) equals the reference", "[comm][tp][cuda][
   g.how = guesses::engine;
   for (std::int64_t t = 0; t < 77; ++t) g.predicted.push_back(static_cast<int>(t % 3) % D);
   require_matches_reference(g, host.weights(), run_tp(g, host.weights()));
+  if (D >= 2) require_layered_matches_host<true>(make_layered_run(D, 77, backend_kind::nccl, 8));  // tags through NCCL
 }
 #endif

@@ -102,6 +102,10 @@ struct shuffle_gather_args {
   __nv_bfloat16* out = nullptr;          ///< [T, hidden] row stride below; untouched when any rank flagged bad input
   long long out_stride = 0;
   kernels::device_status* status = nullptr;  ///< this rank's flags (read: bad input of its shard; written: timeouts)
+  /// Optional: one int per shard row [S] carried with the rows (the rank that served each token,
+  /// for the inter-layer predictor), written to tags_out [T] in token order; both or neither.
+  std::int32_t const* shard_tags = nullptr;
+  std::int32_t* tags_out = nullptr;
 };
 
 /// @brief A device backend that also carries the token shuffle of forward_tp_async (buffers
@@ -116,7 +120,10 @@ concept token_shuffle_backend =
 namespace detail {
 
 /// Checks a shuffle against the buffers (host side, before anything is enqueued).
-inline void validate_shuffle(long long tokens, long long shard_rows, int num_ranks, ep_buffer_options const& o) {
+inline void validate_shuffle(long long tokens, long long shard_rows, int num_ranks, ep_buffer_options const& o,
+                             bool tags_paired = true) {
+  SPECMOE_EXPECTS(tags_paired, errc::invalid_argument,
+                  "shuffle_gather_args: shard_tags and tags_out are given together or not at all");
   SPECMOE_EXPECTS(o.token_shuffle, errc::invalid_argument,
                   "the backend has no token-shuffle buffers: build it with ep_buffer_options::token_shuffle = true");
   SPECMOE_EXPECTS(tokens >= 0 && shard_rows == tp_shard_rows(tokens, num_ranks) && shard_rows <= o.max_tokens,
@@ -149,7 +156,7 @@ inline void validate(ep_dispatch_args const& a, ep_buffer_options const& o) {
 /// Buffers laid out identically on every rank, so one base pointer per peer finds them all.
 struct ep_buffer_layout {
   std::size_t recv_x = 0, recv_ids = 0, recv_weights = 0, returned = 0, dispatch_flags = 0, combine_flags = 0, bytes = 0;
-  std::size_t shuffle_partials = 0, shuffle_outputs = 0, scatter_flags = 0, gather_flags = 0;  // token_shuffle only
+  std::size_t shuffle_partials = 0, shuffle_outputs = 0, shuffle_tags = 0, scatter_flags = 0, gather_flags = 0;  // token_shuffle
   std::size_t recv_x8 = 0, recv_scales = 0;                                                 // fp8_dispatch only
 
   ep_buffer_layout(ep_buffer_options const& o, int D) {
@@ -168,6 +175,7 @@ struct ep_buffer_layout {
     if (o.token_shuffle) {  // separate from the dispatch buffers: a peer may run one step ahead
       shuffle_partials = take(rows * static_cast<std::size_t>(o.hidden) * 2);
       shuffle_outputs = take(rows * static_cast<std::size_t>(o.hidden) * 2);
+      shuffle_tags = take(rows * 4);
       scatter_flags = take(static_cast<std::size_t>(D) * 8);
       gather_flags = take(static_cast<std::size_t>(D) * 8);
     }

@@ -196,9 +196,10 @@ class nccl_alltoallv {
   void all_gather_async(shuffle_gather_args const& a, cudaStream_t stream) {
     auto& s = *s_;
     auto const H = s.options.hidden;
-    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
+    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options, (a.shard_tags == nullptr) == (a.tags_out == nullptr));
     if (a.shard_rows == 0) return;
     auto* gathered = reinterpret_cast<__nv_bfloat16*>(s.buffer + s.layout.shuffle_outputs);
+    auto* tags = reinterpret_cast<std::int32_t*>(s.buffer + s.layout.shuffle_tags);
     auto* bad = reinterpret_cast<std::int32_t*>(s.buffer + s.counts_offset + 64);  // [D]
     auto* my_bad = bad + kernels::ep_max_ranks;
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(my_bad, &a.status->bits, sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
@@ -206,9 +207,12 @@ class nccl_alltoallv {
       nccl(ncclAllGather(a.shard, gathered, static_cast<std::size_t>(a.shard_rows * H), ncclBfloat16, comm(), stream),
            "ncclAllGather(outputs)");
       nccl(ncclAllGather(my_bad, bad, 1, ncclInt32, comm(), stream), "ncclAllGather(flags)");
+      if (a.shard_tags)
+        nccl(ncclAllGather(a.shard_tags, tags, static_cast<std::size_t>(a.shard_rows), ncclInt32, comm(), stream),
+             "ncclAllGather(tags)");
     });
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(kernels::ep_wait{}, gathered, a.order, s.D, a.shard_rows, H, a.out,
-                                                       a.out_stride, bad, a.status, s.sms, stream));
+                                                       a.out_stride, tags, a.tags_out, bad, a.status, s.sms, stream));
   }
 
  private:

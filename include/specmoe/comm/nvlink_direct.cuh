@@ -219,15 +219,18 @@ class nvlink_direct {
   void all_gather_async(shuffle_gather_args const& a, cudaStream_t stream) {
     auto& s = *s_;
     auto const H = s.options.hidden;
-    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options);
-    auto const [tg, sig] = shuffle_push(s.layout.shuffle_outputs, s.layout.gather_flags, a.shard_rows, 4, 0);
-    SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_outputs(a.shard, tp_shard_count(a.tokens, s.D, s.rank), H, s.D, tg, sig,
-                                                          a.status, s.sms, stream));
+    detail::validate_shuffle(a.tokens, a.shard_rows, s.D, s.options, (a.shard_tags == nullptr) == (a.tags_out == nullptr));
+    auto [tg, sig] = shuffle_push(s.layout.shuffle_outputs, s.layout.gather_flags, a.shard_rows, 4, 0);
+    for (int d = 0; d < s.D; ++d)
+      tg.ids[d] = reinterpret_cast<std::int32_t*>(s.peer[static_cast<std::size_t>(d)] + s.layout.shuffle_tags) + s.rank * a.shard_rows;
+    SPECMOE_CUDA_TRY(kernels::launch_shuffle_push_outputs(a.shard, a.shard_tags, tp_shard_count(a.tokens, s.D, s.rank), H, s.D,
+                                                          tg, sig, a.status, s.sms, stream));
     kernels::ep_wait const w{flags(s.layout.gather_flags), epoch(), 0, nullptr, timeout_ns(),
                              kernels::device_error_peer_timeout_shuffle, s.wait_blocks};
     SPECMOE_CUDA_TRY(kernels::launch_shuffle_unpermute(w, reinterpret_cast<__nv_bfloat16 const*>(s.own + s.layout.shuffle_outputs),
-                                                       a.order, s.D, a.shard_rows, H, a.out, a.out_stride, nullptr, a.status,
-                                                       s.sms, stream));
+                                                       a.order, s.D, a.shard_rows, H, a.out, a.out_stride,
+                                                       reinterpret_cast<std::int32_t const*>(s.own + s.layout.shuffle_tags),
+                                                       a.tags_out, nullptr, a.status, s.sms, stream));
   }
 
  private:

@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(threads, min_blocks(KI, CH)) decode_expert_ffn
     while (load_acquire(up_done) < static_cast<unsigned>(p.up_bands)) __nanosleep(64);
     // the group's last down tile past its wait: nobody reads these counters again in this launch
     if (atomicAdd(down_past, 1u) == static_cast<unsigned>(p.down_bands) - 1) {
-      *up_done = 0;
-      *down_past = 0;
+      atomicExch(up_done, 0u);  // (atomics: other blocks' acquire loads of up_done are not ordered before plain stores)
+      atomicExch(down_past, 0u);
     }
   }
   __syncthreads();
@@ -244,14 +244,16 @@ inline bool decode_expert_ffn_supported(decode_expert_ffn_args const& a) noexcep
 /// h = SwiGLU(x W_gate^T, x W_up^T) per group, then y[m, n] = h_m . W_down[n] (bf16 or fp32 y
 /// [M_total, N]), in one launch: the results of launch_grouped_gate_up_swiglu + launch_grouped_down
 /// on their stream path, bit for bit. `sync`: decode_expert_ffn_sync_words(G) unsigned words, zero
-/// before the first launch (every launch leaves them zero). `one_row_chunks`: stream each row of
+/// before the first launch (every launch leaves them zero), private to one stream: two launches
+/// in flight on one `sync` would hand out each other's tiles. `one_row_chunks`: stream each row of
 /// a group on its own (best where groups hold one row, as at one token); otherwise chunks of 8.
 /// cudaErrorInvalidValue, nothing launched, unless decode_expert_ffn_supported and y, sync are set.
 template <class OutT>
 cudaError_t launch_decode_expert_ffn(decode_expert_ffn_args const& a, OutT* y, unsigned* sync, cudaStream_t stream,
                                      bool one_row_chunks = true) {
   static_assert(std::is_same_v<OutT, __nv_bfloat16> || std::is_same_v<OutT, float>, "y is bf16 or fp32");
-  if (!decode_expert_ffn_supported(a) || !y || !sync) return cudaErrorInvalidValue;
+  auto const word_aligned = [](void const* q) { return (reinterpret_cast<std::uintptr_t>(q) & 3u) == 0; };
+  if (!decode_expert_ffn_supported(a) || !y || !sync || !word_aligned(sync) || !word_aligned(y)) return cudaErrorInvalidValue;
   if (a.M_total == 0) return cudaSuccess;
   namespace dd = decode_ffn_detail;
   constexpr int tile = dd::rows_per_tile, step = dd::k_step;

@@ -60,10 +60,15 @@ struct ep_row_targets {
 };
 
 /// The fp8 dispatch's arithmetic, the same on the host (tests) and the device: a group of
-/// ep_fp8_group elements with largest magnitude `amax` is sent as e4m3(v * inverse) (round to
-/// nearest, saturating) with `scale`, and comes back as bf16_rn(float(e4m3) * scale).
+/// ep_fp8_group elements with largest finite magnitude `amax` is sent as e4m3(v * inverse) (round
+/// to nearest, saturating: an infinity comes back as +-amax) with `scale`, and comes back as
+/// bf16_rn(float(e4m3) * scale). The inverse is capped, so a group of tiny values (448 / amax past
+/// FLT_MAX) keeps its zeros zero instead of 0 * inf = NaN.
+__host__ __device__ inline float ep_fp8_magnitude(float v) { return isfinite(v) ? fabsf(v) : 0.0f; }
 __host__ __device__ inline float ep_fp8_scale(float amax) { return amax / 448.0f; }
-__host__ __device__ inline float ep_fp8_inverse(float amax) { return amax > 0.0f ? 448.0f / amax : 0.0f; }
+__host__ __device__ inline float ep_fp8_inverse(float amax) {
+  return amax > 0.0f ? fminf(448.0f / amax, 3.0e38f) : 0.0f;
+}
 __host__ __device__ inline __nv_fp8_storage_t ep_fp8_encode(float v, float inverse) {
   return __nv_cvt_float_to_fp8(v * inverse, __NV_SATFINITE, __NV_E4M3);
 }
@@ -188,7 +193,7 @@ __device__ inline void warp_send_row_fp8(uint4 const* __restrict__ src, int hidd
         float2 const p = __bfloat1622float2(h[i]);
         f[2 * i] = p.x;
         f[2 * i + 1] = p.y;
-        amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
+        amax = fmaxf(amax, fmaxf(ep_fp8_magnitude(p.x), ep_fp8_magnitude(p.y)));
       }
 #pragma unroll
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));  // the half-warp's group
@@ -294,8 +299,10 @@ static __global__ void __launch_bounds__(1024)
   if (threadIdx.x < static_cast<unsigned>(D)) send_counts[threadIdx.x] = running[threadIdx.x];
 }
 
-/// A warp per token: copies the token's row (16-byte accesses) and its compacted local routing to
-/// every destination region it goes to; the last block then signals each destination.
+/// A warp per token: copies the token's row (16-byte accesses; e4m3 and scales with `FP8`) and its
+/// compacted local routing to every destination region it goes to; the last block then signals
+/// each destination. (FP8 is a template argument: the bf16 path keeps its registers.)
+template <bool FP8>
 static __global__ void __launch_bounds__(256)
     ep_send_rows_kernel(__nv_bfloat16 const* __restrict__ x, long long n, int hidden, int k,
                         std::int32_t const* __restrict__ ids, float const* __restrict__ weights,
@@ -306,14 +313,14 @@ static __global__ void __launch_bounds__(256)
   int const lane = static_cast<int>(threadIdx.x) % 32;
   int const vecs = hidden / 8;
   long long const warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
-  bool const fp8 = tg.x8[0] != nullptr;
+  constexpr bool fp8 = FP8;
   for (long long t = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
     auto const* src = reinterpret_cast<uint4 const*>(x + t * hidden);
-    if (fp8) detail::warp_send_row_fp8(src, hidden, t, D, send_slot, tg, lane);
+    if constexpr (fp8) detail::warp_send_row_fp8(src, hidden, t, D, send_slot, tg, lane);
     for (int d = 0; d < D; ++d) {
       int const slot = send_slot[t * D + d];
       if (slot < 0) continue;
-      if (!fp8) detail::warp_copy_row(reinterpret_cast<uint4*>(tg.x[d] + static_cast<long long>(slot) * hidden), src, vecs, lane);
+      if constexpr (!fp8) detail::warp_copy_row(reinterpret_cast<uint4*>(tg.x[d] + static_cast<long long>(slot) * hidden), src, vecs, lane);
       int const width = tg.width[d];
       bool const here = lane < k && dest_of[t * k + lane] == d;
       unsigned const b = __ballot_sync(0xffffffffu, here);
@@ -468,8 +475,9 @@ inline cudaError_t launch_ep_send_rows(__nv_bfloat16 const* x, long long n, int 
                                        float const* weights, std::int32_t const* dest_of, std::int32_t const* send_slot,
                                        std::int32_t const* send_counts, ep_placement_view p, ep_row_targets const& tg,
                                        ep_signal const& sig, int sms, cudaStream_t stream) {
-  ep_send_rows_kernel<<<ep_copy_blocks(n, sms), 256, 0, stream>>>(x, n, hidden, k, ids, weights, dest_of, send_slot,
-                                                                 send_counts, p, tg, sig);
+  auto const kernel = tg.x8[0] != nullptr ? ep_send_rows_kernel<true> : ep_send_rows_kernel<false>;
+  kernel<<<ep_copy_blocks(n, sms), 256, 0, stream>>>(x, n, hidden, k, ids, weights, dest_of, send_slot, send_counts, p, tg,
+                                                     sig);
   return cudaGetLastError();
 }
 

@@ -232,11 +232,13 @@ static __global__ void __launch_bounds__(256)
 }
 
 /// A warp per shard row i < count: copies it into every rank's gather region for this source
-/// (`tg.x[d]`); the last block signals every rank, with 1 in the count field when this rank
-/// flagged bad input (its shard's rows are then not outputs, and no rank may write them).
+/// (`tg.x[d]`), and its tag (`tags[i]`, when given) into `tg.ids[d][i]`; the last block signals
+/// every rank, with 1 in the count field when this rank flagged bad input (its shard's rows are
+/// then not outputs, and no rank may write them).
 static __global__ void __launch_bounds__(256)
-    shuffle_push_outputs_kernel(__nv_bfloat16 const* __restrict__ shard, long long count, int hidden, int D,
-                                ep_row_targets tg, ep_signal sig, device_status const* status) {
+    shuffle_push_outputs_kernel(__nv_bfloat16 const* __restrict__ shard, std::int32_t const* __restrict__ tags,
+                                long long count, int hidden, int D, ep_row_targets tg, ep_signal sig,
+                                device_status const* status) {
   int const lane = static_cast<int>(threadIdx.x) % 32;
   int const vecs = hidden / 8;
   long long const warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
@@ -246,6 +248,7 @@ static __global__ void __launch_bounds__(256)
       auto* dst = reinterpret_cast<uint4*>(tg.x[d] + i * hidden);
       detail::warp_copy_row(dst, src, vecs, lane);
     }
+    if (tags != nullptr && lane < D) tg.ids[lane][i] = tags[i];
   }
   detail::ep_last_block(sig.arrivals, [&] {
     unsigned long long const epoch = *sig.epoch + sig.epoch_add;
@@ -255,12 +258,13 @@ static __global__ void __launch_bounds__(256)
 }
 
 /// Every rank after the gather: out[order[j]] = gathered[j] for each filled slot j (waits first
-/// when `w.flags`). Leaves `out` unwritten when this rank flagged anything or a source reported
-/// bad input in its shard (`bad_from`: [D] flags of the sources, or the counts of the wait).
-/// Thread = 8 columns.
+/// when `w.flags`), and tags_out[order[j]] = gathered_tags[j] when tags_out is given. Leaves `out`
+/// (and the tags) unwritten when this rank flagged anything or a source reported bad input in its
+/// shard (`bad_from`: [D] flags of the sources, or the counts of the wait). Thread = 8 columns.
 static __global__ void __launch_bounds__(256)
     shuffle_unpermute_kernel(ep_wait w, __nv_bfloat16 const* __restrict__ gathered, std::int32_t const* __restrict__ order,
                              int D, long long S, int hidden, __nv_bfloat16* __restrict__ out, long long out_stride,
+                             std::int32_t const* __restrict__ gathered_tags, std::int32_t* __restrict__ tags_out,
                              std::int32_t const* __restrict__ bad_from, device_status* status) {
   __shared__ int counts[ep_max_ranks];
   __shared__ int prior;  // this rank's own flags, from the kernels before (they name its token)
@@ -278,7 +282,29 @@ static __global__ void __launch_bounds__(256)
     if (t < 0) continue;
     int const v = static_cast<int>(idx % vecs);
     reinterpret_cast<uint4*>(out + t * out_stride)[v] = reinterpret_cast<uint4 const*>(gathered + j * hidden)[v];
+    if (tags_out != nullptr && v == 0) tags_out[t] = gathered_tags[j];
   }
+}
+
+/// Per token of a batch: the rank holding most of its experts (every owner of a replicated
+/// expert counts; ties to the lower rank; ids outside [0, E) count nowhere) — the rank that
+/// "served" it, the history of the inter-layer predictor (router/device_layer_affinity.cuh).
+/// The same rule as affinity_detail::served_ranks on the host.
+static __global__ void served_ranks_kernel(std::int32_t const* __restrict__ ids, long long n, int k, ep_placement_view p,
+                                           std::int32_t* __restrict__ ranks) {
+  long long const t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  int votes[ep_max_ranks];
+  for (int d = 0; d < p.num_ranks; ++d) votes[d] = 0;
+  for (int j = 0; j < k; ++j) {
+    int const e = ids[t * k + j];
+    if (e < 0 || e >= p.num_experts) continue;
+    for (int o = p.owner_offset[e]; o < p.owner_offset[e + 1]; ++o) ++votes[p.owners[o]];
+  }
+  int best = 0;
+  for (int d = 1; d < p.num_ranks; ++d)
+    if (votes[d] > votes[best]) best = d;
+  ranks[t] = best;
 }
 
 /// Gathers the routing rows of the tokens in one shard: ids/weights [count, k] from [T, k].
@@ -317,19 +343,29 @@ inline cudaError_t launch_shuffle_reduce(ep_wait const& w, __nv_bfloat16 const* 
   return cudaGetLastError();
 }
 
-inline cudaError_t launch_shuffle_push_outputs(__nv_bfloat16 const* shard, long long count, int hidden, int D,
-                                               ep_row_targets const& tg, ep_signal const& sig, device_status const* status,
-                                               int sms, cudaStream_t stream) {
-  shuffle_push_outputs_kernel<<<ep_copy_blocks(count, sms), 256, 0, stream>>>(shard, count, hidden, D, tg, sig, status);
+/// `tags` (or null): one int per shard row, pushed to `tg.ids[d]` with the rows.
+inline cudaError_t launch_shuffle_push_outputs(__nv_bfloat16 const* shard, std::int32_t const* tags, long long count, int hidden,
+                                               int D, ep_row_targets const& tg, ep_signal const& sig,
+                                               device_status const* status, int sms, cudaStream_t stream) {
+  shuffle_push_outputs_kernel<<<ep_copy_blocks(count, sms), 256, 0, stream>>>(shard, tags, count, hidden, D, tg, sig, status);
   return cudaGetLastError();
 }
 
+/// `tags_out` (or null): [T] the gathered tags (`gathered_tags`, one per slot) in token order.
 inline cudaError_t launch_shuffle_unpermute(ep_wait const& w, __nv_bfloat16 const* gathered, std::int32_t const* order, int D,
                                             long long S, int hidden, __nv_bfloat16* out, long long out_stride,
+                                            std::int32_t const* gathered_tags, std::int32_t* tags_out,
                                             std::int32_t const* bad_from, device_status* status, int sms,
                                             cudaStream_t stream) {
-  shuffle_unpermute_kernel<<<ep_wait_blocks(D * S * (hidden / 8), sms, w), 256, 0, stream>>>(w, gathered, order, D, S, hidden, out,
-                                                                                          out_stride, bad_from, status);
+  shuffle_unpermute_kernel<<<ep_wait_blocks(D * S * (hidden / 8), sms, w), 256, 0, stream>>>(
+      w, gathered, order, D, S, hidden, out, out_stride, gathered_tags, tags_out, bad_from, status);
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_served_ranks(std::int32_t const* ids, long long n, int k, ep_placement_view const& p,
+                                       std::int32_t* ranks, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  served_ranks_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(ids, n, k, p, ranks);
   return cudaGetLastError();
 }
 

@@ -48,6 +48,15 @@ concept device_router_predictor =
     router_predictor<P> && requires(P const& p, std::int32_t const* ids, std::int64_t n, std::int32_t* rank, float* conf,
                                     cudaStream_t stream) { p.predict_async(ids, n, rank, conf, stream); };
 
+/// A predictor that learns from the layers before (router/device_layer_affinity.cuh): the layer
+/// writes each token's serving rank where `served_ranks_target(T)` says, through its all-gather.
+template <class P>
+concept records_served_ranks = requires(P& p, std::int64_t n) {
+  { p.served_ranks_target(n) } -> std::same_as<std::int32_t*>;
+  { p.layer() } -> std::convertible_to<int>;
+  { p.ranks() } -> std::convertible_to<int>;
+};
+
 /// @brief The expert-parallel layer: each rank holds the router, the shared experts, and the
 /// routed experts the grouping places on it; tokens cross to the ranks that hold their experts.
 ///
@@ -108,6 +117,10 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                     errc::shape_mismatch, "the grouping placed ", placement_.num_experts(), " experts on ",
                     placement_.num_ranks(), " ranks; the layer has ", config_.num_experts, " on ", D_);
     check_same_placement();
+    if constexpr (records_served_ranks<Predictor>)
+      SPECMOE_EXPECTS(policies_.predictor.layer() == config_.layer && policies_.predictor.ranks() == D_, errc::invalid_argument,
+                      "the predictor is for layer ", policies_.predictor.layer(), " of a plan over ",
+                      policies_.predictor.ranks(), " ranks; this is layer ", config_.layer, " over ", D_);
     local_experts_ = static_cast<int>(placement_.local_experts(rank_).size());
     validate_local_weights();
     allocate();
@@ -172,6 +185,8 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                           b.routing->topk_weights.size() == static_cast<std::size_t>(T * k),
                       errc::shape_mismatch, "routing is [", b.routing->num_tokens, ", ", b.routing->top_k,
                       "], the batch needs [", T, ", ", k, "]");
+    std::int32_t* served_out = nullptr;  // the inter-layer predictor's history: each token's serving rank
+    if constexpr (records_served_ranks<Predictor>) served_out = policies_.predictor.served_ranks_target(T);  // (checks T)
     SPECMOE_CUDA_TRY(cudaMemcpyAsync(status_, clean_status_, sizeof(kernels::device_status), cudaMemcpyDeviceToDevice,
                                      stream));
     last_tp_tokens_ = T;
@@ -201,7 +216,11 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                                    std::span<float const>(shard_weights_, static_cast<std::size_t>(count * k)), count, k};
     }
     enqueue_forward(shard, matrix_view<bf16>(reinterpret_cast<bf16*>(shard_out_), count, H), stream, {});
-    comm.all_gather_async({shard_out_, T, S, order_, reinterpret_cast<__nv_bfloat16*>(out.data), out.stride, status_}, stream);
+    if (served_out)
+      SPECMOE_CUDA_TRY(kernels::launch_served_ranks(b.routing ? shard_ids_ : ids_, count, k, placement_view(), served_, stream));
+    comm.all_gather_async({shard_out_, T, S, order_, reinterpret_cast<__nv_bfloat16*>(out.data), out.stride, status_,
+                           served_out ? served_ : nullptr, served_out},
+                          stream);
   }
 
   /// @brief forward_tp_async, then check.
@@ -440,7 +459,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
                               size(D * N * H * 2) + size(N * H * 2) + 2 * size(N * S * 4) + size(router_rows * H * 2) +
                               size(E * 4) + cublas_ws;
     bool const tp = policies_.comm.options().token_shuffle;
-    std::size_t const tp_bytes = tp ? 4 * size(D * N * 4) + 2 * size(N * H * 2) + 2 * size(N * k * 4) : 0;
+    std::size_t const tp_bytes = tp ? 4 * size(D * N * 4) + 2 * size(N * H * 2) + 2 * size(N * k * 4) + size(N * 4) : 0;
     SPECMOE_CUDA_TRY(cudaMalloc(&workspace_, bytes + tp_bytes));
     auto* cursor = static_cast<std::byte*>(workspace_);
     status_ = carve<kernels::device_status>(cursor, 1);
@@ -471,6 +490,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       shard_out_ = carve<__nv_bfloat16>(cursor, N * H);
       shard_ids_ = carve<std::int32_t>(cursor, N * k);
       shard_weights_ = carve<float>(cursor, N * k);
+      served_ = carve<std::int32_t>(cursor, N);
     }
 
     kernels::device_status const clean = kernels::clean_device_status;
@@ -556,6 +576,7 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
   __nv_bfloat16* shard_out_ = nullptr;
   std::int32_t* shard_ids_ = nullptr;
   float* shard_weights_ = nullptr;
+  std::int32_t* served_ = nullptr;  // [max_tokens] serving rank of each shard token (records_served_ranks)
 };
 
 }  // namespace specmoe

@@ -75,6 +75,9 @@ class device_token_affinity {
   }
 
   [[nodiscard]] std::int64_t vocab() const noexcept { return t_->vocab; }
+  /// The device tables: rank + 1 (0: unknown) and confidence per vocabulary id [vocab].
+  [[nodiscard]] std::uint8_t const* device_rank_plus_one() const noexcept { return t_->rank_plus_one; }
+  [[nodiscard]] float const* device_confidence() const noexcept { return t_->confidence; }
 
   /// Enqueues the guesses of n tokens: rank [n] (-1: none) and confidence [n], device memory.
   void predict_async(std::int32_t const* token_ids, std::int64_t n, std::int32_t* rank, float* confidence,
