@@ -25,6 +25,10 @@
 //                protect_predicted<lru> is no better than on-demand LRU, <lfu> 1.1-1.4x faster).
 //   2 lookahead  during verification layer l, layer l + 1's experts are predicted from the trace's
 //                truth corrupted to 70% accuracy (the look-ahead gate of earlier offloading systems).
+//   3 draft, model cutoff  as 1, but only target layers below the latency model's cutoff
+//                (choose_cutoff on the profile measured here, the run's draft accuracy, its cache).
+// offload_cutoff sweeps the cutoff of mode 1 (counters: the model's TPOT at that cutoff and its
+// choice), the measured curve beside the model's.
 // Args: model (0 dsv2_lite, 1 mixtral), gamma, cache percent of all routed experts, mode, draft
 // agreement percent. Each timed iteration is one step (wall clock, host round trips included).
 // Counters: tpot_us = step time / (1 + sum_{i<=gamma} 0.97^i) expected tokens per step,
@@ -32,6 +36,7 @@
 // speculative_GB / demand_GB per step.
 #include <specmoe/offload/measure_profile.cuh>
 #include <specmoe/offload/offloaded_moe_stack.cuh>
+#include <specmoe/prefetch/latency_model.hpp>
 #include <specmoe/prefetch/offload_profile.hpp>
 #include <specmoe/synthetic/trace_generator.hpp>
 
@@ -45,6 +50,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <span>
@@ -180,7 +186,71 @@ bench_model& get_model(int which) {
   return *current;
 }
 
-enum mode { on_demand = 0, draft_prefetch = 1, lookahead = 2 };
+enum mode { on_demand = 0, draft_prefetch = 1, lookahead = 2, draft_model_cutoff = 3 };
+
+/// A trace of the shape whose draft agrees with the target at `agreement` (the timed steps' and the
+/// profile's: the same seed).
+trace::routing_trace step_trace(bench_model const& m, double agreement) {
+  synthetic::trace_params tp;
+  tp.layers = m.sh.layers;
+  tp.experts = m.sh.cfg.num_experts;
+  tp.top_k = m.sh.cfg.top_k;
+  tp.tokens = 512;
+  tp.requests = 1;
+  tp.min_request = tp.max_request = tp.tokens;
+  tp.draft_layers = m.sh.layers;
+  tp.draft_agreement = agreement;
+  tp.seed = 42;
+  return synthetic::generate_trace(tp);
+}
+
+/// Per layer, the share of target slots the draft's top-k names (the profile's `accuracy`).
+std::vector<double> draft_slot_accuracy(trace::routing_trace const& tr) {
+  int const k = tr.meta.top_k;
+  std::vector<double> accuracy;
+  for (int l = 0; l < tr.meta.layers; ++l) {
+    std::int64_t hit = 0, all = 0;
+    for (std::int64_t t = 0; t < tr.meta.tokens; ++t) {
+      auto const* d = &tr.draft_topk_ids[static_cast<std::size_t>((l * tr.meta.tokens + t) * k)];
+      for (int j = 0; j < k; ++j, ++all) hit += std::count(d, d + k, tr.topk_ids[static_cast<std::size_t>((l * tr.meta.tokens + t) * k + j)]);
+    }
+    accuracy.push_back(static_cast<double>(hit) / static_cast<double>(all));
+  }
+  return accuracy;
+}
+
+/// measure_profile on this GPU for the shape at gamma (draft accuracy of a 0.8-agreement trace).
+prefetch::offload_profile measure_shape_profile(bench_model& m, int gamma) {
+  so::profile_options opt;
+  opt.gamma = gamma;
+  opt.model = m.sh.name;
+  opt.attn_qkv_out = m.sh.attn_qkv;
+  opt.accuracy = draft_slot_accuracy(step_trace(m, 0.8));
+  auto p = so::measure_profile(m.sh.cfg, m.resident, *m.store, [&](cudaStream_t s) {
+    check_cublas(cublasSetStream(m.cublas, s), "cublasSetStream");
+    for (int l = 0; l < m.sh.layers; ++l) m.draft_layer(l);
+    check_cublas(cublasSetStream(m.cublas, m.stream), "cublasSetStream");
+  }, opt);
+  return p;
+}
+
+/// The latency model's inputs for a run: measured once per shape and gamma, with the draft
+/// accuracy of the run's own trace.
+prefetch::offload_profile const& run_profile(bench_model& m, int gamma, trace::routing_trace const& tr) {
+  static std::string shape_of;
+  static std::vector<std::pair<int, prefetch::offload_profile>> measured;
+  if (shape_of != m.sh.name) {
+    measured.clear();
+    shape_of = m.sh.name;
+  }
+  auto it = std::find_if(measured.begin(), measured.end(), [&](auto const& e) { return e.first == gamma; });
+  if (it == measured.end()) {
+    measured.emplace_back(gamma, measure_shape_profile(m, gamma));
+    it = std::prev(measured.end());
+  }
+  it->second.accuracy = draft_slot_accuracy(tr);
+  return it->second;
+}
 
 /// The routing of one step and the predictions each mode makes, from the trace.
 struct step_routing {
@@ -227,26 +297,29 @@ step_routing routing_of_step(trace::routing_trace const& tr, std::int64_t p0, in
   return r;
 }
 
+/// `cutoff` (draft modes): target layers below it take the draft's predictions; -1: the latency
+/// model's choice from the profile measured on this GPU (mode draft_model_cutoff).
 template <class Policy>
-void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_percent, int mode, double agreement) {
+void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_percent, int mode, double agreement, int cutoff) {
   auto const& cfg = m.sh.cfg;
   int const L = m.sh.layers, E = cfg.num_experts, k = cfg.top_k, H = cfg.hidden_size, n = gamma + 1;
-  std::int64_t const tokens = 512;
-  synthetic::trace_params tp;
-  tp.layers = L;
-  tp.experts = E;
-  tp.top_k = k;
-  tp.tokens = tokens;
-  tp.requests = 1;
-  tp.min_request = tp.max_request = tokens;
-  tp.draft_layers = L;
-  tp.draft_agreement = agreement;
-  tp.seed = 42;
-  auto const tr = synthetic::generate_trace(tp);
+  auto const tr = step_trace(m, agreement);
+  std::int64_t const tokens = tr.meta.tokens;
 
   so::offloaded_stack_options opt;
   opt.max_tokens = n;
   opt.prefetch.slots = std::max(1, L * E * cache_percent / 100);
+  bool const from_draft = mode == draft_prefetch || mode == draft_model_cutoff;
+  if (from_draft) {  // the model's view of this run, beside the measurement
+    auto const& profile = run_profile(m, gamma, tr);
+    prefetch::model_options const mo{.cache_experts = opt.prefetch.slots};
+    auto const choice = prefetch::choose_cutoff(profile, mo);
+    if (cutoff < 0) cutoff = choice.cutoff;
+    state.counters["cutoff"] = cutoff;
+    state.counters["model_cutoff"] = choice.cutoff;
+    state.counters["model_tpot_us"] = prefetch::estimate_step(profile, cutoff, mo).tpot_us;
+    state.counters["model_best_tpot_us"] = choice.best().tpot_us;
+  }
   so::offloaded_moe_stack<Policy> stack(cfg, m.resident, *m.store, opt);
   auto& pf = stack.prefetcher();
 
@@ -272,7 +345,7 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
     for (int i = 0; i < gamma; ++i) {
       for (int l = 0; l < L; ++l) {
         m.draft_layer(l);
-        if (mode == draft_prefetch) {
+        if (from_draft && l < cutoff) {
           SPECMOE_BENCH_CUDA(cudaStreamSynchronize(m.stream));  // the draft's router output is read back
           stack.speculate(l, r.draft[static_cast<std::size_t>(i * L + l)]);
         }
@@ -324,7 +397,10 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
   state.counters["speculative_GB_per_step"] = static_cast<double>(c1.speculative_bytes - c0.speculative_bytes) / steps * 1e-9;
   state.counters["demand_GB_per_step"] = static_cast<double>(c1.demand_bytes - c0.demand_bytes) / steps * 1e-9;
   state.counters["cache_slots"] = opt.prefetch.slots;
-  state.SetLabel(std::string(m.sh.name) + (mode == on_demand ? " on_demand_lru" : mode == draft_prefetch ? " draft_prefetch" : " lookahead_0.7"));
+  state.SetLabel(std::string(m.sh.name) + (mode == on_demand           ? " on_demand_lru"
+                                           : mode == draft_prefetch      ? " draft_prefetch"
+                                           : mode == draft_model_cutoff  ? " draft_model_cutoff"
+                                                                         : " lookahead_0.7"));
 
   cudaFreeHost(host_ids);
   cudaFreeHost(host_w);
@@ -337,10 +413,20 @@ void offload_step(benchmark::State& state) {
   int const gamma = static_cast<int>(state.range(1)), cache = static_cast<int>(state.range(2)), mode = static_cast<int>(state.range(3));
   double const agreement = static_cast<double>(state.range(4)) / 100.0;
   if (mode == on_demand) {
-    run_steps<so::lru_replacement>(state, m, gamma, cache, mode, agreement);
+    run_steps<so::lru_replacement>(state, m, gamma, cache, mode, agreement, 0);
   } else {
-    run_steps<so::protect_predicted<so::lfu_replacement>>(state, m, gamma, cache, mode, agreement);
+    run_steps<so::protect_predicted<so::lfu_replacement>>(state, m, gamma, cache, mode, agreement,
+                                                          mode == draft_prefetch ? m.sh.layers : -1);
   }
+}
+
+/// The measured curve over the cutoff (draft prefetch at 80% agreement, LFU order), each row with
+/// the latency model's TPOT at that cutoff and its chosen cutoff (issue 7: the choice within 5% of
+/// the sweep's best).
+void offload_cutoff(benchmark::State& state) {
+  auto& m = get_model(static_cast<int>(state.range(0)));
+  run_steps<so::protect_predicted<so::lfu_replacement>>(state, m, static_cast<int>(state.range(1)), static_cast<int>(state.range(2)),
+                                                        draft_prefetch, 0.8, static_cast<int>(state.range(3)));
 }
 
 /// One shape's configurations (a shape's pinned store is made once: its benchmarks run together).
@@ -352,47 +438,29 @@ void offload_step_args(benchmark::internal::Benchmark* b) {
       b->Args({Model, gamma, cache, on_demand, 80});
       b->Args({Model, gamma, cache, lookahead, 80});
       for (int agree : {60, 80, 90}) b->Args({Model, gamma, cache, draft_prefetch, agree});
+      b->Args({Model, gamma, cache, draft_model_cutoff, 80});
     }
   }
+}
+
+/// The cutoff sweeps: DeepSeek-V2-Lite (26 layers) at gamma 1 and 25% / 50% resident; Mixtral (4
+/// layers) at gamma 1 and 25% / 50%.
+template <int Model>
+void offload_cutoff_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"model", "gamma", "cache_pct", "cutoff"});
+  std::vector<int> const cutoffs = Model == 0 ? std::vector<int>{0, 1, 2, 3, 4, 6, 9, 13, 19, 26} : std::vector<int>{0, 1, 2, 3, 4};
+  for (int cache : {25, 50})
+    for (int c : cutoffs) b->Args({Model, 1, cache, c});
 }
 
 /// measure_profile on this GPU; writes $SPECMOE_PROFILE_OUT/<model>_gamma<g>.json when set.
 void profile(benchmark::State& state) {
   auto& m = get_model(static_cast<int>(state.range(0)));
-  int const gamma = static_cast<int>(state.range(1)), L = m.sh.layers;
-  auto const& cfg = m.sh.cfg;
-  // draft accuracy per layer from a trace (share of target slots the draft's top-k names)
-  synthetic::trace_params tp;
-  tp.layers = L;
-  tp.experts = cfg.num_experts;
-  tp.top_k = cfg.top_k;
-  tp.tokens = 512;
-  tp.draft_layers = L;
-  tp.draft_agreement = 0.8;
-  auto const tr = synthetic::generate_trace(tp);
-  so::profile_options opt;
-  opt.gamma = gamma;
-  opt.model = m.sh.name;
-  opt.attn_qkv_out = m.sh.attn_qkv;
-  for (int l = 0; l < L; ++l) {
-    std::int64_t hit = 0, all = 0;
-    for (std::int64_t t = 0; t < tp.tokens; ++t) {
-      for (int j = 0; j < cfg.top_k; ++j, ++all) {
-        auto const want = tr.topk_ids[static_cast<std::size_t>((l * tp.tokens + t) * cfg.top_k + j)];
-        auto const* d = &tr.draft_topk_ids[static_cast<std::size_t>((l * tp.tokens + t) * cfg.top_k)];
-        hit += std::count(d, d + cfg.top_k, want);
-      }
-    }
-    opt.accuracy.push_back(static_cast<double>(hit) / static_cast<double>(all));
-  }
+  int const gamma = static_cast<int>(state.range(1));
   prefetch::offload_profile p;
   for (auto _ : state) {
     auto const t0 = std::chrono::steady_clock::now();
-    p = so::measure_profile(cfg, m.resident, *m.store, [&](cudaStream_t s) {
-      check_cublas(cublasSetStream(m.cublas, s), "cublasSetStream");
-      for (int l = 0; l < L; ++l) m.draft_layer(l);
-      check_cublas(cublasSetStream(m.cublas, m.stream), "cublasSetStream");
-    }, opt);
+    p = measure_shape_profile(m, gamma);
     state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   state.counters["link_GBps"] = p.link_bytes_per_us * 1e-3;
@@ -414,6 +482,8 @@ void profile(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK(offload_step)->Apply(offload_step_args<0>)->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(offload_cutoff)->Apply(offload_cutoff_args<0>)->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(profile)->ArgNames({"model", "gamma"})->Args({0, 1})->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(offload_step)->Apply(offload_step_args<1>)->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(offload_cutoff)->Apply(offload_cutoff_args<1>)->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(profile)->ArgNames({"model", "gamma"})->Args({1, 1})->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -124,7 +124,8 @@ struct cuda_layer_options {
   std::optional<cuda_expert_tables> expert_tables{};
   /// One-token steps (bf16 activations, FFN size up to 2048) run the gather, gate/up and down in
   /// one launch (kernels/decode_expert_ffn.cuh) rather than three; the same bits either way.
-  /// Off by default until its tests and figures come from a GPU (docs/benchmarks.md, issue 4).
+  /// Off by default: measured slower than the three launches on an H100 (1.06x at Qwen3-30B-A3B's
+  /// one token, 1.2x at DeepSeek-V3's; docs/benchmarks.md, issue 4), kept for other GPUs and shapes.
   bool one_launch_decode_ffn = false;
 };
 
