@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """offload_gpu_table.py OUT_DIR: the GPU offload benchmark (specmoe_offload_offload_bench, OUT_DIR/offload.json)
 as markdown: per shape, gamma and cache share, time per output token of on-demand LRU, the look-ahead
-stand-in, draft prefetch at every layer for each draft agreement and draft prefetch at the latency
-model's cutoff, with prefetch hit rates; then each cutoff sweep (measured TPOT beside the model's)."""
+stand-in, draft prefetch at every layer for each draft agreement, draft prefetch at the latency
+model's cutoff and oracle prefetch with the issue's floor, with prefetch hit rates; then each cutoff
+sweep (measured TPOT beside the model's)."""
 import json
 import os
 import sys
 
-MODE = {"0": "on_demand", "1": "draft", "2": "lookahead", "3": "draft_cutoff"}
+MODE = {"0": "on_demand", "1": "draft", "2": "lookahead", "3": "draft_cutoff", "4": "oracle"}
 
 
 def args_of(name):
@@ -27,11 +28,14 @@ def step_table(benchmarks):
         rows[(shape_of(parts), int(parts["gamma"]), int(parts["cache_pct"]), MODE[parts["mode"]], int(parts["agree_pct"]))] = b
     agrees = sorted({k[4] for k in rows if k[3] == "draft"})
     has_cutoff = any(k[3] == "draft_cutoff" for k in rows)
+    has_oracle = any(k[3] == "oracle" for k in rows)
     print("| shape | γ | cache | on demand, LRU (ms) | look-ahead 0.7 (ms) | "
           + " | ".join(f"draft {a}% (ms, hit)" for a in agrees)
           + (" | draft 80%, model's cutoff (ms, cutoff) | model's cutoff vs on demand" if has_cutoff else "")
+          + (" | oracle prefetch (ms) | floor (ms) | best draft vs floor" if has_oracle else "")
           + " | best draft vs on demand | best draft vs look-ahead |")
-    print("|---|---|---|---|---|" + "---|" * len(agrees) + ("---|---|" if has_cutoff else "") + "---|---|")
+    print("|---|---|---|---|---|" + "---|" * len(agrees) + ("---|---|" if has_cutoff else "") + ("---|---|---|" if has_oracle else "")
+          + "---|---|")
     for shape, gamma, cache in sorted({k[:3] for k in rows}):
         od = next(v for k, v in rows.items() if k[:4] == (shape, gamma, cache, "on_demand"))
         la = next(v for k, v in rows.items() if k[:4] == (shape, gamma, cache, "lookahead"))
@@ -41,6 +45,10 @@ def step_table(benchmarks):
         cells = " | ".join(f"{x['tpot_us'] / 1e3:.1f} ({x['prefetch_hit_rate']:.2f})" if x else "—" for x in dr)
         if has_cutoff:
             cells += (f" | {mc['tpot_us'] / 1e3:.1f} ({int(mc['cutoff'])}) | {od['tpot_us'] / mc['tpot_us']:.2f}" if mc else " | — | —")
+        if has_oracle:
+            orc = next((v for k, v in rows.items() if k[:4] == (shape, gamma, cache, "oracle")), None)
+            cells += (f" | {orc['tpot_us'] / 1e3:.1f} | {orc['floor_tpot_us'] / 1e3:.1f} | {best / orc['floor_tpot_us']:.2f}"
+                      if orc else " | — | — | —")
         print(f"| {shape} | {gamma} | {cache}% | {od['tpot_us'] / 1e3:.1f} | {la['tpot_us'] / 1e3:.1f} ({la['prefetch_hit_rate']:.2f}) | {cells} "
               f"| {od['tpot_us'] / best:.2f} | {la['tpot_us'] / best:.2f} |")
 

@@ -27,6 +27,9 @@
 //                truth corrupted to 70% accuracy (the look-ahead gate of earlier offloading systems).
 //   3 draft, model cutoff  as 1, but only target layers below the latency model's cutoff
 //                (choose_cutoff on the profile measured here, the run's draft accuracy, its cache).
+//   4 oracle     the verification's own experts speculated at the first draft pass (what no
+//                predictor can beat); its floor_tpot_us = the bytes it still copied over the
+//                measured link plus the all-resident compute (the issue's floor).
 // offload_cutoff sweeps the cutoff of mode 1 (counters: the model's TPOT at that cutoff and its
 // choice), the measured curve beside the model's.
 // Args: model (0 dsv2_lite, 1 mixtral), gamma, cache percent of all routed experts, mode, draft
@@ -186,7 +189,7 @@ bench_model& get_model(int which) {
   return *current;
 }
 
-enum mode { on_demand = 0, draft_prefetch = 1, lookahead = 2, draft_model_cutoff = 3 };
+enum mode { on_demand = 0, draft_prefetch = 1, lookahead = 2, draft_model_cutoff = 3, oracle_prefetch = 4 };
 
 /// A trace of the shape whose draft agrees with the target at `agreement` (the timed steps' and the
 /// profile's: the same seed).
@@ -349,6 +352,10 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
           SPECMOE_BENCH_CUDA(cudaStreamSynchronize(m.stream));  // the draft's router output is read back
           stack.speculate(l, r.draft[static_cast<std::size_t>(i * L + l)]);
         }
+        if (mode == oracle_prefetch && i == 0) {  // the verification's own experts, as early as the draft's first guess
+          auto const* ids = r.ids.data() + static_cast<std::size_t>(l) * n * k;
+          stack.speculate(l, std::vector<int>(ids, ids + n * k));
+        }
       }
     }
     // verification: gamma + 1 tokens through every target layer
@@ -397,9 +404,15 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
   state.counters["speculative_GB_per_step"] = static_cast<double>(c1.speculative_bytes - c0.speculative_bytes) / steps * 1e-9;
   state.counters["demand_GB_per_step"] = static_cast<double>(c1.demand_bytes - c0.demand_bytes) / steps * 1e-9;
   state.counters["cache_slots"] = opt.prefetch.slots;
+  if (mode == oracle_prefetch) {  // the issue's floor: the copies the oracle could not avoid at the measured link, plus the resident compute
+    auto const& profile = run_profile(m, gamma, tr);
+    double const copied = static_cast<double>(c1.speculative_bytes - c0.speculative_bytes + c1.demand_bytes - c0.demand_bytes) / steps;
+    state.counters["floor_tpot_us"] = (copied / profile.link_bytes_per_us + profile.resident_compute_us()) / tokens_per_step;
+  }
   state.SetLabel(std::string(m.sh.name) + (mode == on_demand           ? " on_demand_lru"
                                            : mode == draft_prefetch      ? " draft_prefetch"
                                            : mode == draft_model_cutoff  ? " draft_model_cutoff"
+                                           : mode == oracle_prefetch     ? " oracle_prefetch"
                                                                          : " lookahead_0.7"));
 
   cudaFreeHost(host_ids);
@@ -439,6 +452,7 @@ void offload_step_args(benchmark::internal::Benchmark* b) {
       b->Args({Model, gamma, cache, lookahead, 80});
       for (int agree : {60, 80, 90}) b->Args({Model, gamma, cache, draft_prefetch, agree});
       b->Args({Model, gamma, cache, draft_model_cutoff, 80});
+      b->Args({Model, gamma, cache, oracle_prefetch, 80});
     }
   }
 }

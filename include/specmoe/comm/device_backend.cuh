@@ -23,12 +23,15 @@ struct ep_buffer_options {
   int hidden = 0;                  ///< row width in bf16 elements (multiple of 8)
   int top_k = 0;                   ///< routing columns a row carries at most
   /// Also reserve the buffers of the shuffled reduce-scatter and all-gather (the layer's
-  /// forward_tp_async, attention in tensor parallelism): 2 x ranks x max_tokens rows more.
+  /// forward_tp_async, attention in tensor parallelism): 2 x ranks x max_tokens rows more (and one
+  /// int a row for the all-gather's per-token tags).
   bool token_shuffle = false;
   /// Dispatch rows as fp8 (e4m3, one fp32 scale per 128 elements; kernels/ep_dispatch.cuh), about
   /// half the bytes on the links. Lossy: the experts see the rows rounded to fp8 (the gate and the
   /// shared experts do not), so the layer's output is no longer the plain layer's. nvlink_direct
-  /// only; needs hidden % 128 == 0. Combine stays bf16.
+  /// only; needs hidden % 128 == 0. Combine stays bf16. Memory: the fp8 receive rows and scales
+  /// come on top of the bf16 ones they are widened into (about hidden x 1.03 bytes a row more).
+  /// An infinite input saturates to its group's largest finite magnitude.
   bool fp8_dispatch = false;
 };
 
