@@ -2,7 +2,8 @@
 # bench/run_offload_gpu.sh OUT_DIR: one device call's work for SP-MoE (issue 7) on one GPU.
 #  1. builds the offload GPU tests and bench, the layer GPU tests (the offload path shares the layer),
 #     and the host tools (specmoe-trace-gen, -plan, -sim);
-#  2. runs the GPU tests (tests.log);
+#  2. runs the GPU tests (tests.log), and the offload tests under compute-sanitizer racecheck and
+#     synccheck (sanitizer_*.log; SPECMOE_OFFLOAD_SKIP_SANITIZER=1 leaves them out);
 #  3. runs the offload benchmark (offload.json), which also measures profiles into OUT_DIR/profiles;
 #  4. captures routing from small random transformers models (Mixtral and Qwen3-MoE families) with a
 #     random draft through the target's gates (capture_routing.py), and reads them back with the tools;
@@ -26,6 +27,17 @@ for t in build/cuda/bin/specmoe_offload_cuda_tests ${layer_target:+build/cuda/bi
   timeout 240 "${t}" 2>&1 | tee -a "${out}/tests.log" | tail -4
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 done
+# No use before arrival (issue 7): the offload tests under compute-sanitizer's racecheck and synccheck.
+if [[ -z ${SPECMOE_OFFLOAD_SKIP_SANITIZER:-} ]]; then
+  for tool in racecheck synccheck; do
+    echo "== compute-sanitizer --tool ${tool}"
+    timeout 300 compute-sanitizer --tool "${tool}" --error-exitcode 9 build/cuda/bin/specmoe_offload_cuda_tests \
+      >"${out}/sanitizer_${tool}.log" 2>&1
+    rc=$?
+    tail -3 "${out}/sanitizer_${tool}.log"
+    [[ ${rc} -eq 0 ]] || { echo "compute-sanitizer ${tool}: rc ${rc}"; status=1; }
+  done
+fi
 SPECMOE_PROFILE_OUT="${out}/profiles" timeout 200 build/cuda/bin/specmoe_offload_offload_bench \
   --benchmark_out="${out}/offload.json" --benchmark_out_format=json 2>&1 | grep -v '^\*\*\*WARNING' | tail -60
 for fam in mixtral qwen3_moe; do
