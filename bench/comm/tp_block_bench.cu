@@ -8,6 +8,9 @@
 //   speculative  the plan's placement, and shards chosen by the plan's token table on the device
 //                (device_token_affinity + tp_balanced_shuffle): Speculative MoE
 //   oracle       the plan's placement, shards chosen by each token's real serving rank
+//   combined     three layers in order on every rank (a 3-layer trace and plan), each guessing
+//                with device_combined_affinity (T and the 2-gram A over the previous layers'
+//                serving ranks, which the all-gathers carry); the time is the third layer's block
 //
 // Routing: a synthetic trace with the published statistics (synthetic/trace_generator.hpp) of the
 // model's expert count; the plan comes from one sample, the timed batch from another (held out).
@@ -22,6 +25,8 @@
 #include <specmoe/grouping/speculative_plan.hpp>
 #include <specmoe/layer/cuda_ep_layer.cuh>
 #include <specmoe/placement/tp_shuffle.hpp>
+#include <specmoe/router/affinity_predictors.hpp>
+#include <specmoe/router/device_layer_affinity.cuh>
 #include <specmoe/router/device_token_affinity.cuh>
 #include <specmoe/synthetic/trace_generator.hpp>
 
@@ -37,12 +42,13 @@ namespace {
 
 using namespace specmoe;
 
-enum class variant { plain, grouped, speculative, oracle };
+enum class variant { plain, grouped, speculative, oracle, combined };
 char const* name(variant v) {
   switch (v) {
     case variant::plain: return "plain";
     case variant::grouped: return "grouped";
     case variant::speculative: return "speculative";
+    case variant::combined: return "combined";
     default: return "oracle";
   }
 }
@@ -53,16 +59,16 @@ struct workload {
   trace::routing_trace held_out;
 };
 
-workload const& workload_for(moe_config const& cfg, int D, std::int64_t tokens) {
+workload const& workload_for(moe_config const& cfg, int D, std::int64_t tokens, int layers = 1) {
   static std::mutex m;
   static std::map<std::string, std::unique_ptr<workload>> cache;
   std::lock_guard lock(m);
   auto const key = std::to_string(cfg.num_experts) + "/" + std::to_string(cfg.top_k) + "/" + std::to_string(D) + "/" +
-                   std::to_string(tokens);
+                   std::to_string(tokens) + "/" + std::to_string(layers);
   auto& w = cache[key];
   if (!w) {
     synthetic::trace_params p;
-    p.layers = 1;
+    p.layers = layers;
     p.experts = cfg.num_experts;
     p.top_k = cfg.top_k;
     p.tokens = std::max<std::int64_t>(65536, tokens);
@@ -94,15 +100,29 @@ using block_layer = moe_layer<cuda_space, Pred, Place, explicit_placement, all_r
 void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
   long long const n = state.range(0);  // tokens per rank (its shard)
   int const D = bench::ep_ranks();
-  auto const cfg = shape(D);
+  auto const base_cfg = shape(D);
+  int const layers = v == variant::combined ? 3 : 1, timed = layers - 1;  // the layer whose block is timed
+  auto cfg_of = [&](int l) {
+    auto c = base_cfg;
+    c.layer = l;
+    return c;
+  };
+  auto const cfg = cfg_of(timed);
   long long const T = n * D;
-  auto const& wl = workload_for(cfg, D, T);
-  auto const& L = wl.plan.per_layer[0];
-  auto const placement = v == variant::plain ? contiguous_blocks{}.place(cfg, 0)
-                                             : grouping::plan_placements(wl.plan).place(cfg, 0);
+  auto const& wl = workload_for(cfg, D, T, layers);
+  auto const& L = wl.plan.per_layer[static_cast<std::size_t>(timed)];
+  auto const plan_grouping = grouping::plan_placements(wl.plan);
+  auto placement_of = [&](int l) {
+    return v == variant::plain ? contiguous_blocks{}.place(cfg_of(l), 0) : plan_grouping.place(cfg_of(l), 0);
+  };
+  auto const placement = placement_of(timed);
   auto const k = cfg.top_k;
-  // Host view of the batch: routing, token ids, guesses, and what crosses.
-  std::vector<std::int32_t> ids(wl.held_out.topk_ids.begin(), wl.held_out.topk_ids.begin() + T * k);
+  // Host view of the batch: routing of each layer, token ids, guesses, and what crosses.
+  auto routing_of = [&](int l) {
+    auto const first = wl.held_out.topk_ids.begin() + static_cast<std::ptrdiff_t>(l) * T * k;
+    return std::vector<std::int32_t>(first, first + T * k);
+  };
+  auto const ids = routing_of(timed);
   std::vector<float> weights(static_cast<std::size_t>(T * k));
   for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = 0.05f + static_cast<float>((i * 2654435761u) % 1000) * 1e-3f;
   std::vector<std::int32_t> token_ids(wl.held_out.token_ids.begin(), wl.held_out.token_ids.begin() + T);
@@ -117,10 +137,26 @@ void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
       guess[static_cast<std::size_t>(t)] = r;
       conf[static_cast<std::size_t>(t)] = c;
     }
+  } else if (v == variant::combined) {  // the host predictor over the same layers gives the device's guesses
+    combined_affinity_prediction host(std::make_shared<grouping::speculative_plan const>(wl.plan), std::make_shared<rank_history>());
+    std::vector<std::int64_t> const ids64(token_ids.begin(), token_ids.end());
+    std::vector<int> const home(static_cast<std::size_t>(T), 0);
+    for (int l = 0; l < layers; ++l) {
+      auto const c = cfg_of(l);
+      auto const pl = placement_of(l);
+      auto const r = routing_of(l);
+      prediction pr;
+      host.predict(prediction_request{c, T, home, ids64, matrix_view<float const>{}, pl}, pr);
+      if (l == timed) {
+        guess = pr.rank;
+        conf = pr.confidence;
+      }
+      routing_view const rv{std::span<std::int32_t const>(r), std::span<float const>(weights), T, k};
+      host.observe(routing_observation{c, home, home, ids64, rv, pl, &pr});
+    }
   }
-  auto const shuffle = plan_tp_shuffle(v == variant::speculative || v == variant::oracle ? std::span<int const>(guess)
-                                                                                         : std::span<int const>{},
-                                       conf, T, D);
+  bool const guessed = v == variant::speculative || v == variant::oracle || v == variant::combined;
+  auto const shuffle = plan_tp_shuffle(guessed ? std::span<int const>(guess) : std::span<int const>{}, conf, T, D);
   long long local = 0, crossing = 0;
   for (long long t = 0; t < T; ++t) {
     int const home = shuffle.rank[static_cast<std::size_t>(t)];
@@ -137,6 +173,7 @@ void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
   bench::ep_job job;
   job.rounds = static_cast<int>(state.max_iterations);
   job.inner = n >= 1024 ? 3 : 10;
+  job.parts = layers;  // combined: one part per layer, in order; the last is the timed block
   job.check = true;
   job.setup = [&](int r) -> std::function<void(int, cudaStream_t)> {
     auto const local_experts = static_cast<int>(placement.local_experts(r).size());
@@ -181,6 +218,39 @@ void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
         layer->forward_tp_async(b, matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), T, H), stream);
       };
     };
+    if (v == variant::combined) {  // three layers sharing one history; part l runs layer l
+      using Layer = block_layer<device_combined_affinity, tp_balanced_shuffle>;
+      auto history = std::make_shared<device_rank_history>(layers, T);
+      auto plan = std::make_shared<grouping::speculative_plan const>(wl.plan);
+      std::vector<std::shared_ptr<Layer>> stack;
+      std::vector<std::shared_ptr<bench::rank_model>> models;
+      std::vector<std::shared_ptr<std::int32_t>> routings;
+      std::vector<cuda_tp_batch> batches;
+      for (int l = 0; l < layers; ++l) {
+        auto const c = cfg_of(l);
+        auto const local = static_cast<int>(placement_of(l).local_experts(r).size());
+        models.push_back(l == timed && local == local_experts
+                             ? model
+                             : std::make_shared<bench::rank_model>(c, local, 300 + static_cast<std::uint64_t>(r * 17 + l)));
+        stack.push_back(std::make_shared<Layer>(
+            c, models.back()->weights,
+            typename Layer::policies_type{.predictor = device_combined_affinity(plan, l, history), .grouping = plan_grouping, .comm = comm},
+            cuda_ep_layer_options{.max_tokens = n}));
+        routings.push_back(l == timed ? d_ids : dev(routing_of(l)));
+        cuda_tp_batch b{matrix_view<bf16 const>(reinterpret_cast<bf16 const*>(partial.get()), T, H), d_tok.get()};
+        b.routing = routing_view{std::span<std::int32_t const>(routings.back().get(), ids.size()),
+                                 std::span<float const>(d_w.get(), weights.size()), T, k};
+        batches.push_back(b);
+      }
+      return [stack, models, routings, batches, partial, out, d_w, d_tok, T, H](int part, cudaStream_t stream) {
+        if (part < 0) {
+          for (auto const& layer : stack) layer->check(stream);
+          return;
+        }
+        stack[static_cast<std::size_t>(part)]->forward_tp_async(batches[static_cast<std::size_t>(part)],
+                                                                matrix_view<bf16>(reinterpret_cast<bf16*>(out.get()), T, H), stream);
+      };
+    }
     if (v == variant::speculative) return build(device_token_affinity(L), tp_balanced_shuffle{});
     if (v == variant::oracle) return build(no_prediction{}, tp_balanced_shuffle{});
     return build(no_prediction{}, stay{});
@@ -193,7 +263,7 @@ void block_bench(benchmark::State& state, moe_config (*shape)(int), variant v) {
   }
   std::size_t i = 0;
   for (auto _ : state) {
-    if (!times.empty()) state.SetIterationTime(times[0][i++ % times[0].size()]);
+    if (!times.empty()) state.SetIterationTime(times.back()[i++ % times.back().size()]);  // the timed layer: the last part
   }
   state.counters["ranks"] = D;
   state.counters["gpus"] = bench::gpu_count();
@@ -250,7 +320,7 @@ int register_all() {
     moe_config (*make)(int);
   };
   for (auto s : {shape{"deepseek_v3", &models::deepseek_v3}, shape{"qwen3_30b_a3b", &models::qwen3_30b_a3b}}) {
-    for (variant v : {variant::plain, variant::grouped, variant::speculative, variant::oracle}) {
+    for (variant v : {variant::plain, variant::grouped, variant::speculative, variant::oracle, variant::combined}) {
       auto const bench_name = std::string("tp_block/") + s.name + "/" + name(v);
       auto* bm = benchmark::RegisterBenchmark(bench_name.c_str(), [s, v](benchmark::State& st) { block_bench(st, s.make, v); });
       bm->ArgName("tokens")->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(8);
