@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-MODE = {"0": "on_demand", "1": "draft", "2": "lookahead", "3": "draft_cutoff", "4": "oracle"}
+MODE = {"0": "on_demand", "1": "draft", "2": "lookahead", "3": "draft_cutoff", "4": "oracle", "5": "on_demand_frequency"}
 
 
 def args_of(name):
@@ -29,12 +29,13 @@ def step_table(benchmarks):
     agrees = sorted({k[4] for k in rows if k[3] == "draft"})
     has_cutoff = any(k[3] == "draft_cutoff" for k in rows)
     has_oracle = any(k[3] == "oracle" for k in rows)
-    print("| shape | γ | cache | on demand, LRU (ms) | look-ahead 0.7 (ms) | "
+    has_freq = any(k[3] == "on_demand_frequency" for k in rows)
+    print("| shape | γ | cache | on demand, LRU (ms) | " + ("on demand, frequency (ms) | " if has_freq else "") + "look-ahead 0.7 (ms) | "
           + " | ".join(f"draft {a}% (ms, hit)" for a in agrees)
           + (" | draft 80%, model's cutoff (ms, cutoff) | model's cutoff vs on demand" if has_cutoff else "")
           + (" | oracle prefetch (ms) | floor (ms) | best draft vs floor" if has_oracle else "")
           + " | best draft vs on demand | best draft vs look-ahead |")
-    print("|---|---|---|---|---|" + "---|" * len(agrees) + ("---|---|" if has_cutoff else "") + ("---|---|---|" if has_oracle else "")
+    print("|---|---|---|---|---|" + ("---|" if has_freq else "") + "---|" * len(agrees) + ("---|---|" if has_cutoff else "") + ("---|---|---|" if has_oracle else "")
           + "---|---|")
     for shape, gamma, cache in sorted({k[:3] for k in rows}):
         od = next(v for k, v in rows.items() if k[:4] == (shape, gamma, cache, "on_demand"))
@@ -49,7 +50,9 @@ def step_table(benchmarks):
             orc = next((v for k, v in rows.items() if k[:4] == (shape, gamma, cache, "oracle")), None)
             cells += (f" | {orc['tpot_us'] / 1e3:.1f} | {orc['floor_tpot_us'] / 1e3:.1f} | {best / orc['floor_tpot_us']:.2f}"
                       if orc else " | — | — | —")
-        print(f"| {shape} | {gamma} | {cache}% | {od['tpot_us'] / 1e3:.1f} | {la['tpot_us'] / 1e3:.1f} ({la['prefetch_hit_rate']:.2f}) | {cells} "
+        fq = next((v for k, v in rows.items() if k[:4] == (shape, gamma, cache, "on_demand_frequency")), None)
+        freq_cell = (f"{fq['tpot_us'] / 1e3:.1f} ({fq['prefetch_hit_rate']:.2f}) | " if fq else "— | ") if has_freq else ""
+        print(f"| {shape} | {gamma} | {cache}% | {od['tpot_us'] / 1e3:.1f} | {freq_cell}{la['tpot_us'] / 1e3:.1f} ({la['prefetch_hit_rate']:.2f}) | {cells} "
               f"| {od['tpot_us'] / best:.2f} | {la['tpot_us'] / best:.2f} |")
 
 

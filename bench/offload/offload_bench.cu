@@ -17,12 +17,16 @@
 // each layer preceded by an attention stand-in (QKV and O projections) and a stream sync (the host
 // learns a layer's routing only when its input exists, as with the gate). Routing is replayed from a
 // synthetic trace (synthetic/trace_generator.hpp) whose draft agrees with the target at a set rate.
-// Modes:
-//   0 on_demand  LRU cache, no prefetch: every miss is a demand copy.
+// Every mode starts warm: the cache's use counts are seeded from the trace's second half and its
+// most used experts copied in until the cache is full (offloaded_moe_stack::warm_start, untimed);
+// the steps replay the first half. Modes:
+//   0 on_demand  LRU cache, no prefetch: every miss is a demand copy (the issue's baseline).
+//   5 on_demand_frequency  no prefetch, frequency_replacement (uses counted over the run and the
+//                seed): what the cache order alone gives.
 //   1 draft      after each draft layer (its routing read back, one sync per draft layer) the
-//                trace's draft routing of that layer goes to speculate(): cutoff = all layers;
-//                cache policy protect_predicted<lfu> (the simulator, same cache book, 2026-12-06:
-//                protect_predicted<lru> is no better than on-demand LRU, <lfu> 1.1-1.4x faster).
+//                trace's draft routing of that layer goes to speculate(): cutoff = all layers.
+//                Modes 1-4 use frequency_replacement (the simulator, same cache book, 2026-12-07:
+//                1.3-2.0x over on-demand LRU where protect_predicted<lfu> gave 1.1-1.4x).
 //   2 lookahead  during verification layer l, layer l + 1's experts are predicted from the trace's
 //                truth corrupted to 70% accuracy (the look-ahead gate of earlier offloading systems).
 //   3 draft, model cutoff  as 1, but only target layers below the latency model's cutoff
@@ -37,6 +41,7 @@
 // Counters: tpot_us = step time / (1 + sum_{i<=gamma} 0.97^i) expected tokens per step,
 // prefetch_hit_rate (acquired experts whose copy was issued before they were needed), stolen,
 // speculative_GB / demand_GB per step.
+#include <specmoe/offload/expert_uses.hpp>
 #include <specmoe/offload/measure_profile.cuh>
 #include <specmoe/offload/offloaded_moe_stack.cuh>
 #include <specmoe/prefetch/latency_model.hpp>
@@ -189,7 +194,7 @@ bench_model& get_model(int which) {
   return *current;
 }
 
-enum mode { on_demand = 0, draft_prefetch = 1, lookahead = 2, draft_model_cutoff = 3, oracle_prefetch = 4 };
+enum mode { on_demand = 0, draft_prefetch = 1, lookahead = 2, draft_model_cutoff = 3, oracle_prefetch = 4, on_demand_frequency = 5 };
 
 /// A trace of the shape whose draft agrees with the target at `agreement` (the timed steps' and the
 /// profile's: the same seed).
@@ -325,6 +330,8 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
   }
   so::offloaded_moe_stack<Policy> stack(cfg, m.resident, *m.store, opt);
   auto& pf = stack.prefetcher();
+  std::int64_t const replayed = tokens / 2;  // steps replay [0, replayed); the warm start counts the rest
+  stack.warm_start(so::uses_from_trace(tr, replayed, tokens));
 
   std::int32_t* host_ids = nullptr;
   float* host_w = nullptr;
@@ -339,7 +346,7 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
   std::mt19937_64 rng(7);
   std::int64_t step_no = 0;
   auto step = [&] {
-    std::int64_t const p0 = (step_no++ * n) % (tokens - n);
+    std::int64_t const p0 = (step_no++ * n) % (replayed - n);
     auto const r = routing_of_step(tr, p0, n, gamma, L, rng, 0.7);
     std::copy(r.ids.begin(), r.ids.end(), host_ids);
     std::copy(r.weights.begin(), r.weights.end(), host_w);
@@ -410,6 +417,7 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
     state.counters["floor_tpot_us"] = (copied / profile.link_bytes_per_us + profile.resident_compute_us()) / tokens_per_step;
   }
   state.SetLabel(std::string(m.sh.name) + (mode == on_demand           ? " on_demand_lru"
+                                           : mode == on_demand_frequency ? " on_demand_frequency"
                                            : mode == draft_prefetch      ? " draft_prefetch"
                                            : mode == draft_model_cutoff  ? " draft_model_cutoff"
                                            : mode == oracle_prefetch     ? " oracle_prefetch"
@@ -428,18 +436,17 @@ void offload_step(benchmark::State& state) {
   if (mode == on_demand) {
     run_steps<so::lru_replacement>(state, m, gamma, cache, mode, agreement, 0);
   } else {
-    run_steps<so::protect_predicted<so::lfu_replacement>>(state, m, gamma, cache, mode, agreement,
-                                                          mode == draft_prefetch ? m.sh.layers : -1);
+    run_steps<so::frequency_replacement>(state, m, gamma, cache, mode, agreement, mode == draft_prefetch ? m.sh.layers : -1);
   }
 }
 
-/// The measured curve over the cutoff (draft prefetch at 80% agreement, LFU order), each row with
+/// The measured curve over the cutoff (draft prefetch at 80% agreement, frequency order), each row with
 /// the latency model's TPOT at that cutoff and its chosen cutoff (issue 7: the choice within 5% of
 /// the sweep's best).
 void offload_cutoff(benchmark::State& state) {
   auto& m = get_model(static_cast<int>(state.range(0)));
-  run_steps<so::protect_predicted<so::lfu_replacement>>(state, m, static_cast<int>(state.range(1)), static_cast<int>(state.range(2)),
-                                                        draft_prefetch, 0.8, static_cast<int>(state.range(3)));
+  run_steps<so::frequency_replacement>(state, m, static_cast<int>(state.range(1)), static_cast<int>(state.range(2)), draft_prefetch, 0.8,
+                                       static_cast<int>(state.range(3)));
 }
 
 /// One shape's configurations (a shape's pinned store is made once: its benchmarks run together).
@@ -449,6 +456,7 @@ void offload_step_args(benchmark::internal::Benchmark* b) {
   for (int gamma : {1, 2, 4}) {
     for (int cache : {25, 50}) {
       b->Args({Model, gamma, cache, on_demand, 80});
+      b->Args({Model, gamma, cache, on_demand_frequency, 80});
       b->Args({Model, gamma, cache, lookahead, 80});
       for (int agree : {60, 80, 90}) b->Args({Model, gamma, cache, draft_prefetch, agree});
       b->Args({Model, gamma, cache, draft_model_cutoff, 80});

@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
                       "specmoe-sim --trace DIR --ranks D [--plan PLAN.json] [--predictor none|token|layer|combined|oracle] "
                       "[--unbalanced] [--tokens N] [--hidden H] [--seed S]\n"
                       "   or: specmoe-sim --trace DIR --offload --cache-experts N [--profile P.json] [--gamma G] "
-                      "[--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement lru|lfu|protect|protect_lfu] "
+                      "[--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement lru|lfu|protect|protect_lfu|frequency|protect_frequency] "
                       "[--lookahead-accuracy A] [--steps S] [--sweep] [--expert-mib M] [--draft-mib D] [--stretch-profile] [--seed S]",
                       {"--unbalanced", "--offload", "--sweep", "--stretch-profile"});
   try {

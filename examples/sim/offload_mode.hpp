@@ -2,7 +2,7 @@
 //
 //   specmoe-sim --trace DIR --offload --cache-experts N [--profile PROFILE.json] [--gamma G]
 //               [--predictor draft|lookahead|oracle|none] [--cutoff L|auto] [--replacement
-//               lru|lfu|protect|protect_lfu] [--lookahead-accuracy A] [--steps S] [--sweep]
+//               lru|lfu|protect|protect_lfu|frequency|protect_frequency] [--lookahead-accuracy A] [--steps S] [--sweep]
 //               [--expert-mib M] [--draft-mib D] [--stretch-profile] [--seed S]
 // Without --profile the times are default_profile's for the trace's shape: --expert-mib (default
 // DeepSeek-V2-Lite's 16.5 MiB experts), a dense part per layer of a quarter expert, a draft that
@@ -34,7 +34,7 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   int const gamma = static_cast<int>(a.integer("--gamma", 1, 1, 64));
   auto const pred = a.choice("--predictor", "draft", {"draft", "lookahead", "oracle", "none"});
   auto const cutoff = a.text("--cutoff", "auto");
-  auto const repl = a.choice("--replacement", "protect_lfu", {"lru", "lfu", "protect", "protect_lfu"});
+  auto const repl = a.choice("--replacement", "frequency", {"lru", "lfu", "protect", "protect_lfu", "frequency", "protect_frequency"});
   o.lookahead_accuracy = a.real("--lookahead-accuracy", 0.7, 0.0, 1.0);
   o.max_steps = a.integer("--steps", 2000, 1, 1ll << 40);
   bool const sweep = a.has("--sweep");
@@ -87,7 +87,9 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   o.replacement = repl == "lru" ? offload::sim_replacement::lru
                   : repl == "lfu" ? offload::sim_replacement::lfu
                   : repl == "protect" ? offload::sim_replacement::protect
-                                      : offload::sim_replacement::protect_lfu;
+                  : repl == "protect_lfu" ? offload::sim_replacement::protect_lfu
+                  : repl == "protect_frequency" ? offload::sim_replacement::protect_frequency
+                                      : offload::sim_replacement::frequency;
 
   // the baseline: on demand with LRU; and the chosen replacement without prefetch, whose hit rate
   // is the latency model's resident share

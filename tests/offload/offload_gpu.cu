@@ -19,6 +19,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 namespace offload_test {
 
@@ -266,6 +267,24 @@ report run_stack(model& m, stack_case const& c, int slots, bool racing) {
   dbuf<float> wts(static_cast<std::size_t>(n * k));
   std::vector<std::vector<std::int32_t>> ref_ids(static_cast<std::size_t>(L));
 
+  if constexpr (std::is_same_v<Policy, so::frequency_replacement>) {
+    // warm start from distinct random counts: exactly the `slots` most used experts become resident
+    std::vector<std::uint64_t> uses(static_cast<std::size_t>(L * E));
+    for (std::size_t i = 0; i < uses.size(); ++i) uses[i] = 1 + i;
+    std::shuffle(uses.begin(), uses.end(), rng);
+    stack.warm_start(uses);
+    auto const threshold = uses.size() - static_cast<std::size_t>(std::min<int>(slots, L * E));  // counts above it are the hot ones
+    for (int l = 0; l < L; ++l) {
+      for (int e = 0; e < E; ++e) {
+        bool const hot = uses[static_cast<std::size_t>(l * E + e)] > threshold;
+        if (hot != (stack.prefetcher().slot_of({l, e}) >= 0)) {
+          r.failures.push_back("warm_start: layer " + std::to_string(l) + " expert " + std::to_string(e) + (hot ? " is hot but not resident" : " is resident but not among the hottest"));
+        }
+      }
+    }
+    check_settled(stack.prefetcher(), r.failures, "after warm_start");
+  }
+
   std::atomic<bool> stop{false};
   std::thread racer;
   if (racing) {
@@ -459,6 +478,7 @@ report stack_matches_resident(stack_case const& c) {
     case policy_kind::lru: return run_stack<so::lru_replacement>(m, c, slots, false);
     case policy_kind::lfu: return run_stack<so::lfu_replacement>(m, c, slots, false);
     case policy_kind::protect_predicted: return run_stack<so::protect_predicted<>>(m, c, slots, false);
+    case policy_kind::frequency_warm: return run_stack<so::frequency_replacement>(m, c, slots, false);
   }
   return {};
 }

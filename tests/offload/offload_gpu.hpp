@@ -40,7 +40,7 @@ report prefetch_copies(copy_pattern pattern, bool registered, std::uint64_t seed
 
 enum class model_kind { mixtral_like, deepseek_like };
 enum class prediction { right, wrong, none };
-enum class policy_kind { lru, lfu, protect_predicted };
+enum class policy_kind { lru, lfu, protect_predicted, frequency_warm };  ///< frequency_warm: warm_start from random use counts first
 
 struct stack_case {
   model_kind model = model_kind::mixtral_like;

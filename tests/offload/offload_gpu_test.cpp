@@ -85,7 +85,7 @@ TEST_CASE("offload: the offloaded stack equals the all-resident layers bit for b
 
 TEST_CASE("offload: every replacement policy keeps the stack lossless", "[offload][gpu][lossless]") {
   require_gpu();
-  for (auto const policy : {policy_kind::lru, policy_kind::lfu, policy_kind::protect_predicted}) {
+  for (auto const policy : {policy_kind::lru, policy_kind::lfu, policy_kind::protect_predicted, policy_kind::frequency_warm}) {
     stack_case c;
     c.model = model_kind::deepseek_like;
     c.cache_fraction = 0.25;

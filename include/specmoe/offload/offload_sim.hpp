@@ -54,7 +54,7 @@ enum class sim_predictor {
   oracle      ///< the verification's exact experts, during drafting (upper bound)
 };
 /// Replacement policy of the cache book.
-enum class sim_replacement { lru, lfu, protect, protect_lfu };
+enum class sim_replacement { lru, lfu, protect, protect_lfu, frequency, protect_frequency };
 
 struct offload_sim_options {
   int cache_experts = 0;          ///< GPU slots for routed experts, over all layers
@@ -62,7 +62,7 @@ struct offload_sim_options {
   int cutoff = -1;                ///< draft / oracle: prefetch target layers < cutoff; -1: the latency model's choice
   int lookahead_depth = 1;        ///< lookahead: layers ahead
   double lookahead_accuracy = 0.7;
-  sim_replacement replacement = sim_replacement::protect_lfu;  // as specmoe-sim's default
+  sim_replacement replacement = sim_replacement::frequency;  // as specmoe-sim's default
   std::int64_t max_steps = 2000;  ///< steps replayed (over the trace's requests, in order)
   std::uint64_t seed = 1;
   int check_steps = 4;            ///< steps whose outputs are computed and compared (0: none)
@@ -370,6 +370,8 @@ inline offload_sim_result simulate_offload(trace::routing_trace const& tr, prefe
     case sim_replacement::lru: return simulate_offload<lru_replacement>(tr, prof, o);
     case sim_replacement::lfu: return simulate_offload<lfu_replacement>(tr, prof, o);
     case sim_replacement::protect_lfu: return simulate_offload<protect_predicted<lfu_replacement>>(tr, prof, o);
+    case sim_replacement::frequency: return simulate_offload<frequency_replacement>(tr, prof, o);
+    case sim_replacement::protect_frequency: return simulate_offload<protect_predicted<frequency_replacement>>(tr, prof, o);
     case sim_replacement::protect: break;
   }
   return simulate_offload<protect_predicted<lru_replacement>>(tr, prof, o);

@@ -162,6 +162,27 @@ class offloaded_moe_stack {
     prefetcher_.prefetch(keys);
   }
 
+  /// @brief Starts warm: `uses` ([layers * experts], layer-major; e.g. uses_from_trace over a
+  /// routing trace of earlier traffic) seeds the cache's use counts, and the most used experts are
+  /// copied in until the cache is full (or every expert with a use is resident). Returns when the
+  /// copies have landed. Call before the first step; any replacement policy may start so, only
+  /// frequency_replacement ranks by the seeded counts afterwards.
+  /// @throw specmoe::error shape_mismatch when `uses` is not layers * experts long; cuda on a copy failure.
+  void warm_start(std::span<std::uint64_t const> uses) {
+    prefetcher_.seed_uses(uses);
+    auto const E = config_.num_experts;
+    std::vector<std::size_t> order(uses.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return uses[a] > uses[b]; });
+    std::vector<expert_key> hot;
+    auto const slots = static_cast<std::size_t>(prefetcher_.config().slots);
+    for (std::size_t i = 0; i < order.size() && hot.size() < slots && uses[order[i]] > 0; ++i) {
+      hot.push_back({static_cast<int>(order[i] / static_cast<std::size_t>(E)), static_cast<int>(order[i] % static_cast<std::size_t>(E))});
+    }
+    prefetcher_.prefetch(hot);
+    prefetcher_.drain();
+  }
+
   /// @brief Starts a new decoding step: predictions of the previous one are no longer protected.
   void new_step() {
     predicted_.clear();

@@ -313,6 +313,12 @@ class prefetcher {
     cache_.protect(keys);
   }
 
+  /// @brief Earlier traffic for the cache's use counts (expert_cache::seed_uses).
+  void seed_uses(std::span<std::uint64_t const> uses) {
+    std::lock_guard lk(m_);
+    cache_.seed_uses(uses);
+  }
+
   /// @brief Waits until every queued speculative copy has been issued and has arrived.
   /// @throw specmoe::error cuda on a worker failure.
   void drain() {
