@@ -51,6 +51,7 @@ struct group_run {
   std::function<moe_config(int)> rank_config{};                   // per-rank config (mismatch tests)
   int graph_replays = 0;  // > 0: capture the forward in a CUDA graph and replay it
   bool fp8_dispatch = false;  // nvlink_direct: rows cross as fp8
+  std::function<void(int, moe_weights<bf16>&)> edit_weights{};  // per-rank weight views (local-failure tests)
 };
 
 template <class Comm>
@@ -84,6 +85,7 @@ std::vector<rank_result> run_group(group_run const& g, backend_kind kind, moe_we
       auto const cfg = g.rank_config ? g.rank_config(r) : g.cfg;
       auto const& in = inputs[static_cast<std::size_t>(r)];
       rank_weights w(g.cfg, host, placement.local_experts(r));
+      if (g.edit_weights) g.edit_weights(r, w.views);
       cudaStream_t const stream = streams[static_cast<std::size_t>(r)];
       auto run = [&](auto comm) {
         using C = decltype(comm);
@@ -416,6 +418,22 @@ TEST_CASE("ep layer: errors are specmoe errors and leave outputs untouched", "[c
       REQUIRE(error_code(r.error) == errc::rank_mismatch);
       REQUIRE(error_text(r.error).find("ffn_size 128 vs 64") != std::string::npos);
     }
+  }
+  SECTION("a local check that fails on one rank only fails on every rank, at once") {
+    group_run g{cfg};
+    g.edit_weights = [](int r, moe_weights<bf16>& views) {
+      if (r == 1) --views.experts.gate.count;  // one routed expert short
+    };
+    auto const t0 = std::chrono::steady_clock::now();
+    auto const got = run_group(g, backend_kind::nvlink, host.weights(), random_inputs(cfg, {5, 5}, 4));
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20));  // nobody waited out the 30 s timeout
+    for (auto const& r : got) {
+      INFO(error_text(r.error));
+      REQUIRE(error_code(r.error) == errc::shape_mismatch);
+      REQUIRE(error_text(r.error).find("rank 1 holds 8 routed experts under the placement, but its weights have 7") !=
+              std::string::npos);
+    }
+    REQUIRE(error_text(got[0].error).find("rank 1 could not build the layer, so neither can rank 0") != std::string::npos);
   }
   SECTION("an expert id out of range on one rank: that rank throws, its output stays poisoned; the other is right") {
     auto in = random_inputs(cfg, {12, 9}, 3);

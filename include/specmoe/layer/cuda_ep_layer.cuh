@@ -17,7 +17,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <exception>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -67,7 +70,10 @@ concept records_served_ranks = requires(P& p, std::int64_t n) {
 /// row per token and destination), and the reduce into `out` in token order.
 ///
 /// Construction is collective: every rank builds the layer with the same config and grouping; a
-/// rank that disagrees makes every rank throw `errc::rank_mismatch` naming the rank and field.
+/// rank that disagrees makes every rank throw `errc::rank_mismatch` naming the rank and field, and
+/// a local check that fails on one rank (weights of the wrong shape, a predictor for another layer,
+/// an allocation) makes every rank throw with that rank's code and message: no rank is left
+/// waiting for a peer that gave up.
 /// Bad input (expert id out of range, NaN logits or weights) is flagged on the device; `check`
 /// raises it on the rank that had it, whose `out` stays untouched; the other ranks finish normally.
 template <router_predictor Predictor, token_placement Placement, expert_grouping Grouping, prefetch_depth Prefetch,
@@ -102,41 +108,51 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
     auto const buffers = comm.options();
     max_tokens_ = options.max_tokens > 0 ? options.max_tokens : buffers.max_tokens;
     check_agreement();  // every rank throws alike when any rank disagrees (before any local check)
-    config_.validate();
-    SPECMOE_EXPECTS(config_.num_ranks == D_, errc::invalid_argument, "config.num_ranks is ", config_.num_ranks,
-                    " but the backend connects ", D_, " ranks");
-    SPECMOE_EXPECTS(max_tokens_ <= buffers.max_tokens && config_.hidden_size == buffers.hidden &&
-                        config_.top_k <= buffers.top_k,
-                    errc::invalid_argument, "the layer (max_tokens ", max_tokens_, ", hidden ", config_.hidden_size,
-                    ", top_k ", config_.top_k, ") does not fit the backend's buffers (max_tokens ", buffers.max_tokens,
-                    ", hidden ", buffers.hidden, ", top_k ", buffers.top_k, ")");
-    SPECMOE_EXPECTS(config_.hidden_size % 8 == 0, errc::unsupported, "hidden must be a multiple of 8, got ",
-                    config_.hidden_size);
-    placement_ = policies_.grouping.place(config_, rank_);
-    SPECMOE_EXPECTS(placement_.num_experts() == config_.num_experts && placement_.num_ranks() == D_,
-                    errc::shape_mismatch, "the grouping placed ", placement_.num_experts(), " experts on ",
-                    placement_.num_ranks(), " ranks; the layer has ", config_.num_experts, " on ", D_);
+    // A local check that fails on one rank must not leave its peers waiting at the next exchange:
+    // each stage's failure is shared, and every rank throws (the failing one its own error).
+    std::exception_ptr failed;
+    try {
+      config_.validate();
+      SPECMOE_EXPECTS(config_.num_ranks == D_, errc::invalid_argument, "config.num_ranks is ", config_.num_ranks,
+                      " but the backend connects ", D_, " ranks");
+      SPECMOE_EXPECTS(max_tokens_ <= buffers.max_tokens && config_.hidden_size == buffers.hidden &&
+                          config_.top_k <= buffers.top_k,
+                      errc::invalid_argument, "the layer (max_tokens ", max_tokens_, ", hidden ", config_.hidden_size,
+                      ", top_k ", config_.top_k, ") does not fit the backend's buffers (max_tokens ", buffers.max_tokens,
+                      ", hidden ", buffers.hidden, ", top_k ", buffers.top_k, ")");
+      SPECMOE_EXPECTS(config_.hidden_size % 8 == 0, errc::unsupported, "hidden must be a multiple of 8, got ",
+                      config_.hidden_size);
+      placement_ = policies_.grouping.place(config_, rank_);
+      SPECMOE_EXPECTS(placement_.num_experts() == config_.num_experts && placement_.num_ranks() == D_,
+                      errc::shape_mismatch, "the grouping placed ", placement_.num_experts(), " experts on ",
+                      placement_.num_ranks(), " ranks; the layer has ", config_.num_experts, " on ", D_);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    throw_together(failed);
     check_same_placement();
-    if constexpr (records_served_ranks<Predictor>)
-      SPECMOE_EXPECTS(policies_.predictor.layer() == config_.layer && policies_.predictor.ranks() == D_, errc::invalid_argument,
-                      "the predictor is for layer ", policies_.predictor.layer(), " of a plan over ",
-                      policies_.predictor.ranks(), " ranks; this is layer ", config_.layer, " over ", D_);
-    local_experts_ = static_cast<int>(placement_.local_experts(rank_).size());
-    validate_local_weights();
-    allocate();
-    load_router_kernels();
-    // Construction ends together: no rank starts a forward (whose kernels wait on peers) while a
-    // peer still allocates; ranks that share a GPU would otherwise stall its allocations.
-    int token = rank_, tokens[kernels::ep_max_ranks];
-    comm.allgather(&token, sizeof token, tokens);
+    try {
+      if constexpr (records_served_ranks<Predictor>)
+        SPECMOE_EXPECTS(policies_.predictor.layer() == config_.layer && policies_.predictor.ranks() == D_, errc::invalid_argument,
+                        "the predictor is for layer ", policies_.predictor.layer(), " of a plan over ",
+                        policies_.predictor.ranks(), " ranks; this is layer ", config_.layer, " over ", D_);
+      local_experts_ = static_cast<int>(placement_.local_experts(rank_).size());
+      validate_local_weights();
+      allocate();
+      load_router_kernels();
+    } catch (...) {
+      failed = std::current_exception();
+      release();  // (a throwing constructor runs no destructor)
+    }
+    // Construction ends together (this exchange is also the barrier): no rank starts a forward
+    // (whose kernels wait on peers) while a peer still allocates; ranks that share a GPU would
+    // otherwise stall its allocations.
+    throw_together(failed);
   }
 
   moe_layer(moe_layer const&) = delete;
   moe_layer& operator=(moe_layer const&) = delete;
-  ~moe_layer() {
-    if (cublas_) cublasDestroy(cublas_);
-    if (workspace_) cudaFree(workspace_);
-  }
+  ~moe_layer() { release(); }
 
   [[nodiscard]] moe_config const& config() const noexcept { return config_; }
   [[nodiscard]] int rank() const noexcept { return rank_; }
@@ -354,6 +370,51 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
 
   kernels::ep_placement_view placement_view() const {
     return {D_, config_.num_experts, owner_offset_, owners_, local_index_};
+  }
+
+  void release() noexcept {
+    if (cublas_) cublasDestroy(cublas_);
+    if (workspace_) cudaFree(workspace_);
+    cublas_ = nullptr;
+    workspace_ = nullptr;
+  }
+
+  /// Every rank learns whether any rank's construction stage failed, and then every rank throws:
+  /// the failing rank its own error, the others one that names it and carries its message.
+  void throw_together(std::exception_ptr const& failed) {
+    struct outcome {
+      std::int32_t failed = 0;
+      std::int32_t code = 0;
+      char what[240] = {};
+    } mine;
+    if (failed) {
+      mine.failed = 1;
+      std::string text;
+      try {
+        std::rethrow_exception(failed);
+      } catch (specmoe::error const& e) {
+        mine.code = static_cast<std::int32_t>(e.code());
+        text = e.what();
+      } catch (std::exception const& e) {
+        mine.code = static_cast<std::int32_t>(errc::internal);
+        text = e.what();
+      } catch (...) {
+        mine.code = static_cast<std::int32_t>(errc::internal);
+        text = "an exception that is not a std::exception";
+      }
+      text.copy(mine.what, sizeof mine.what - 1);
+    }
+    std::vector<outcome> all(static_cast<std::size_t>(D_));
+    policies_.comm.allgather(&mine, sizeof mine, all.data());
+    if (failed) std::rethrow_exception(failed);
+    for (int r = 0; r < D_; ++r) {
+      auto const& o = all[static_cast<std::size_t>(r)];
+      if (o.failed) {
+        release();
+        SPECMOE_FAIL(static_cast<errc>(o.code), "rank ", r, " could not build the layer, so neither can rank ", rank_, ": ",
+                     std::string(o.what, strnlen(o.what, sizeof o.what)));
+      }
+    }
   }
 
   /// Every rank compares its config and max_tokens with every other's: all throw alike.
