@@ -374,7 +374,7 @@ std::vector<problem> problems() {
       {128, 2000, 2000, 128, 128, 128, sizes_kind::one_holds_all, true},
       {16, 4096, 4000, 576, 392, 520, sizes_kind::with_empty, false},
       {4, 2100, 2048, 1032, 264, 1096, sizes_kind::random, true},
-      // grids of >= 4096 stream blocks: several 16-row chunks a block (stream_reps), a partial last block
+      // stream path on grids of >= 4096 blocks (many small groups, long outputs)
       {64, 128, 120, 256, 2000, 136, sizes_kind::random, true},
       {64, 128, 128, 256, 136, 2000, sizes_kind::with_empty, false},
   };

@@ -365,34 +365,19 @@ __device__ __forceinline__ void warp_weight_rows(bf16 const* const* __restrict__
   }
 }
 
-/// Block (x, y) serves the y-th non-empty group's output rows [x * reps * 16, (x + 1) * reps * 16):
-/// `reps` chunks of 16 rows one after another, so the group search is paid once per `reps` chunks.
 template <int NMAT, class OutT>
 __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
                                                                   bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
-                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out, int reps) {
+                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
+  // block y serves the y-th non-empty group
   int const g = nth_nonempty_group<threads>(offsets, G, static_cast<int>(blockIdx.y), first_group_flag(offsets, G));
   if (g < 0) return;
-  for (int rep = 0; rep < reps; ++rep) {
-    int const n_first = (static_cast<int>(blockIdx.x) * reps + rep) * stream_rows_per_block + (threadIdx.x >> 5) * stream_rpw;
-    if (n_first >= N) return;
-    bf16 const* wrow[stream_rpw][NMAT];
-    bool nvalid[stream_rpw];
-    warp_weight_rows<NMAT>(w0, w1, g, ld, n_first, N, wrow, nvalid);
-    stream_group<NMAT, 8>(a, nullptr, 1, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out, static_cast<std::int64_t>(N));
-  }
-}
-
-/// Chunks of 16 output rows per stream block. One chunk when the grid is small (decode: every
-/// warp in flight at once streams the most); on a large grid (many groups, e.g. Qwen3-30B-A3B's
-/// down GEMM at 16 tokens: 84 groups x 128 blocks of 24 KiB each) enough chunks for about 64 KiB
-/// of weights a block, as the group search before the first byte costs about as much as one
-/// small chunk streams.
-inline int stream_reps(int K, int nmat, std::int64_t row_blocks, std::int64_t groups) {
-  if (row_blocks * groups < 4096) return 1;
-  std::int64_t const chunk_bytes = static_cast<std::int64_t>(stream_rows_per_block) * K * 2 * nmat;
-  auto const reps = (65536 + chunk_bytes - 1) / chunk_bytes;
-  return static_cast<int>(reps < 1 ? 1 : reps > 8 ? 8 : reps);
+  int const n_first = blockIdx.x * stream_rows_per_block + (threadIdx.x >> 5) * stream_rpw;
+  if (n_first >= N) return;
+  bf16 const* wrow[stream_rpw][NMAT];
+  bool nvalid[stream_rpw];
+  warp_weight_rows<NMAT>(w0, w1, g, ld, n_first, N, wrow, nvalid);
+  stream_group<NMAT, 8>(a, nullptr, 1, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out, static_cast<std::int64_t>(N));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -615,11 +600,9 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   }
   if (chosen == grouped_gemm_path::stream) {
     std::int64_t const slots = M_total < G ? M_total : G;
-    std::int64_t const row_blocks = (N + stream_rows_per_block - 1) / stream_rows_per_block;
-    int const reps = stream_reps(K, NMAT, row_blocks, slots);
-    dim3 const grid(static_cast<unsigned>((row_blocks + reps - 1) / reps), static_cast<unsigned>(slots));
+    dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
-    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out, reps);
+    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));

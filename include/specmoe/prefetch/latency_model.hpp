@@ -145,7 +145,10 @@ struct step_estimate {
     t += p.attn_us[L];
     serve_until(t);
     double const missing = u * (1.0 - h);
-    double const predicted = l < cutoff ? std::min(1.0, p.accuracy[L]) * keep[L] : 0.0;
+    // the gamma drafted inputs name the experts of gamma of the gamma + 1 verified positions: at
+    // most the share `named` of the layer's distinct experts, each right with the draft's accuracy
+    double const named = expected_distinct(p.experts, p.top_k, p.gamma) / u;
+    double const predicted = l < cutoff ? std::min(1.0, p.accuracy[L]) * std::min(1.0, named) * keep[L] : 0.0;
     double demand = missing * (1.0 - predicted);
     double ready = t;
     if (l < cutoff) {

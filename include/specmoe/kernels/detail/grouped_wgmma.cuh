@@ -307,20 +307,6 @@ __global__ void __launch_bounds__(threads, 1)
       long long const lin = slot[stage];
       if (lin < 0) break;
       tile const t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, offsets);
-      if ((wg - 1) * 64 >= t.mrows) {
-        // a group's last tile of at most 64 rows: nothing of it is this warpgroup's, so it only
-        // passes the stages on and leaves the tensor cores to the other warpgroup (which then
-        // runs the tile in about half the time)
-        for (int kt = 0; kt < k_tiles; ++kt) {
-          if (kt > 0) mbar_wait(full0 + 8 * stage, phase);
-          if (lane == 0) mbar_arrive(empty0 + 8 * stage);
-          if (++stage == stages) {
-            stage = 0;
-            phase ^= 1u;
-          }
-        }
-        continue;
-      }
       int prev = 0;
       for (int kt = 0; kt < k_tiles; ++kt) {
         if (kt > 0) mbar_wait(full0 + 8 * stage, phase);
