@@ -266,14 +266,9 @@ prefetch::offload_profile const& run_profile(bench_model& m, int gamma, trace::r
 double warm_resident_hit(trace::routing_trace const& tr, std::int64_t replayed, int slots) {
   auto const seed = so::uses_from_trace(tr, replayed, tr.meta.tokens);
   auto const replay = so::uses_from_trace(tr, 0, replayed);
-  std::vector<std::size_t> order(seed.size());
-  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return seed[a] > seed[b]; });
   double covered = 0, all = 0;
-  for (std::size_t i = 0; i < order.size(); ++i) {
-    all += static_cast<double>(replay[order[i]]);
-    if (i < static_cast<std::size_t>(slots) && seed[order[i]] > 0) covered += static_cast<double>(replay[order[i]]);
-  }
+  for (auto const u : replay) all += static_cast<double>(u);
+  for (std::size_t const i : so::most_used(seed, static_cast<std::size_t>(slots))) covered += static_cast<double>(replay[i]);
   return all > 0 ? covered / all : 0.0;
 }
 

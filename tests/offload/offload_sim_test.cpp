@@ -5,6 +5,7 @@
 #include <specmoe/offload/offload_sim.hpp>
 #include <specmoe/synthetic/trace_generator.hpp>
 
+#include <algorithm>
 #include <random>
 
 using namespace specmoe;
@@ -130,4 +131,12 @@ TEST_CASE("offload sim: frequency replacement beats LRU on demand; uses_from_tra
     for (int j = 0; j < tr.meta.top_k; ++j) by_hand += tr.id(l, t, j) == e;
   CHECK(uses[static_cast<std::size_t>(l * tr.meta.experts + e)] == by_hand);
   require_error([&] { (void)offload::uses_from_trace(tr, 10, tr.meta.tokens + 1); }, errc::invalid_argument, "outside");
+  // most_used: the n largest counts with a use, most used first
+  std::vector<std::uint64_t> counts{5, 0, 9, 5, 1, 0};
+  CHECK(offload::most_used(counts, 3) == std::vector<std::size_t>{2, 0, 3});
+  CHECK(offload::most_used(counts, 10) == std::vector<std::size_t>{2, 0, 3, 4});  // never an expert without a use
+  auto const hot = offload::most_used(uses, 7);
+  REQUIRE(hot.size() == 7u);
+  for (std::size_t i = 0; i < uses.size(); ++i)
+    if (std::find(hot.begin(), hot.end(), i) == hot.end()) CHECK(uses[i] <= uses[hot.back()]);
 }

@@ -6,7 +6,10 @@
 #include <specmoe/core/error.hpp>
 #include <specmoe/trace/routing_trace.hpp>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace specmoe::offload {
@@ -32,6 +35,18 @@ inline std::vector<std::uint64_t> uses_from_trace(trace::routing_trace const& tr
     }
   }
   return uses;
+}
+
+/// @brief Indices (layer * experts + expert) of the at most `n` most used experts with a use,
+/// most used first (ties in index order): the set a warm start makes resident.
+inline std::vector<std::size_t> most_used(std::span<std::uint64_t const> uses, std::size_t n) {
+  std::vector<std::size_t> order(uses.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return uses[a] > uses[b]; });
+  std::size_t keep = 0;
+  while (keep < order.size() && keep < n && uses[order[keep]] > 0) ++keep;
+  order.resize(keep);
+  return order;
 }
 
 }  // namespace specmoe::offload

@@ -27,6 +27,7 @@
 #include <specmoe/layer/cuda_moe_layer.cuh>
 #include <specmoe/offload/detail/cuda_try.cuh>
 #include <specmoe/offload/expert_cache.hpp>
+#include <specmoe/offload/expert_uses.hpp>
 #include <specmoe/offload/host_expert_store.cuh>
 #include <specmoe/offload/prefetcher.cuh>
 
@@ -172,14 +173,10 @@ class offloaded_moe_stack {
   /// @throw specmoe::error shape_mismatch when `uses` is not layers * experts long; cuda on a copy failure.
   void warm_start(std::span<std::uint64_t const> uses) {
     prefetcher_.seed_uses(uses);
-    auto const E = config_.num_experts;
-    std::vector<std::size_t> order(uses.size());
-    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return uses[a] > uses[b]; });
+    auto const E = static_cast<std::size_t>(config_.num_experts);
     std::vector<expert_key> hot;
-    auto const slots = static_cast<std::size_t>(prefetcher_.config().slots);
-    for (std::size_t i = 0; i < order.size() && hot.size() < slots && uses[order[i]] > 0; ++i) {
-      hot.push_back({static_cast<int>(order[i] / static_cast<std::size_t>(E)), static_cast<int>(order[i] % static_cast<std::size_t>(E))});
+    for (std::size_t const i : most_used(uses, static_cast<std::size_t>(prefetcher_.config().slots))) {
+      hot.push_back({static_cast<int>(i / E), static_cast<int>(i % E)});
     }
     prefetcher_.prefetch(hot);
     prefetcher_.drain();
