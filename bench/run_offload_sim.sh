@@ -31,9 +31,12 @@ for shape in dsv2_lite mixtral; do
         prof=""
         [[ -n ${profiles} && -f ${profiles}/${shape}_gamma${gamma}.json ]] && prof="--profile ${profiles}/${shape}_gamma${gamma}.json --stretch-profile"
         for p in lookahead draft oracle; do
+          # the draft keeps its guesses until their layer runs (protect_frequency); look-ahead's
+          # 30% wrong guesses would hold slots all step, and the oracle is the floor: plain order
+          repl=$([[ ${p} == draft ]] && echo protect_frequency || echo frequency)
           # shellcheck disable=SC2086
           "${bin}/specmoe-sim" --trace "${trace}" --offload --cache-experts "${cache}" --gamma "${gamma}" --predictor "${p}" \
-            --steps "${steps}" ${size} ${prof} |
+            --replacement "${repl}" --steps "${steps}" ${size} ${prof} |
             sed "s/^{/{\"shape\": \"${shape}\", \"agreement\": ${agree}, \"cache_share\": ${share}, /" >>"${out}/offload.jsonl"
         done
       done
@@ -42,7 +45,7 @@ for shape in dsv2_lite mixtral; do
   # the cutoff sweep: simulated beside modelled, at 0.8 agreement, 25% cache, gamma 1
   # shellcheck disable=SC2086
   "${bin}/specmoe-sim" --trace "${out}/trace_${shape}_0.8" --offload --cache-experts $((total / 4)) --gamma 1 --predictor draft \
-    --steps "${steps}" --sweep ${size} | sed "s/^{/{\"shape\": \"${shape}\", \"agreement\": 0.8, \"cache_share\": 25, \"kind\": \"sweep\", /" \
+    --replacement protect_frequency --steps "${steps}" --sweep ${size} | sed "s/^{/{\"shape\": \"${shape}\", \"agreement\": 0.8, \"cache_share\": 25, \"kind\": \"sweep\", /" \
     >>"${out}/offload.jsonl"
 done
 echo "wrote ${out}/offload.jsonl ($(wc -l <"${out}/offload.jsonl") runs)"

@@ -25,8 +25,12 @@
 //                seed): what the cache order alone gives.
 //   1 draft      after each draft layer (its routing read back, one sync per draft layer) the
 //                trace's draft routing of that layer goes to speculate(): cutoff = all layers.
-//                Modes 1-4 use frequency_replacement (the simulator, same cache book, 2026-12-07:
-//                1.3-2.0x over on-demand LRU where protect_predicted<lfu> gave 1.1-1.4x).
+//                Modes 1 and 3 (and the cutoff sweep) use protect_predicted<frequency_replacement>:
+//                the step's guesses are kept until their layer has run (unprotected, the frequency
+//                order ranks a cold prefetch lowest, so each one evicted the one before; on the
+//                GPU, 2026-12-07, only ~9 of a step's ~140 oracle prefetches ever crossed). Modes
+//                2, 4 and 5 use frequency_replacement (look-ahead's 30% wrong guesses, protected,
+//                would hold slots for the whole step: in simulation 30.3 against 28.5 ms).
 //   2 lookahead  during verification layer l, layer l + 1's experts are predicted from the trace's
 //                truth corrupted to 70% accuracy (the look-ahead gate of earlier offloading systems).
 //   3 draft, model cutoff  as 1, but only target layers below the latency model's cutoff
@@ -337,7 +341,8 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
     // quarter of the experts resident finds about half of them; without it the model expected
     // 1.5x the measured TPOT at cutoff 0, 2026-12-07)
     prefetch::model_options const mo{.cache_experts = opt.prefetch.slots,
-                                      .resident_hit = warm_resident_hit(tr, replayed, opt.prefetch.slots)};
+                                      .resident_hit = warm_resident_hit(tr, replayed, opt.prefetch.slots),
+                                      .protects = Policy::protects};
     state.counters["model_resident_hit"] = mo.resident_hit;
     auto const choice = prefetch::choose_cutoff(profile, mo);
     if (cutoff < 0) cutoff = choice.cutoff;
@@ -452,18 +457,22 @@ void offload_step(benchmark::State& state) {
   double const agreement = static_cast<double>(state.range(4)) / 100.0;
   if (mode == on_demand) {
     run_steps<so::lru_replacement>(state, m, gamma, cache, mode, agreement, 0);
+  } else if (mode == draft_prefetch || mode == draft_model_cutoff) {
+    run_steps<so::protect_predicted<so::frequency_replacement>>(state, m, gamma, cache, mode, agreement,
+                                                                mode == draft_prefetch ? m.sh.layers : -1);
   } else {
-    run_steps<so::frequency_replacement>(state, m, gamma, cache, mode, agreement, mode == draft_prefetch ? m.sh.layers : -1);
+    run_steps<so::frequency_replacement>(state, m, gamma, cache, mode, agreement, -1);
   }
 }
 
-/// The measured curve over the cutoff (draft prefetch at 80% agreement, frequency order), each row with
+/// The measured curve over the cutoff (draft prefetch at 80% agreement, the protected frequency order), each row with
 /// the latency model's TPOT at that cutoff and its chosen cutoff (issue 7: the choice within 5% of
 /// the sweep's best).
 void offload_cutoff(benchmark::State& state) {
   auto& m = get_model(static_cast<int>(state.range(0)));
-  run_steps<so::frequency_replacement>(state, m, static_cast<int>(state.range(1)), static_cast<int>(state.range(2)), draft_prefetch, 0.8,
-                                       static_cast<int>(state.range(3)));
+  run_steps<so::protect_predicted<so::frequency_replacement>>(state, m, static_cast<int>(state.range(1)),
+                                                              static_cast<int>(state.range(2)), draft_prefetch, 0.8,
+                                                              static_cast<int>(state.range(3)));
 }
 
 /// One shape's configurations (a shape's pinned store is made once: its benchmarks run together).

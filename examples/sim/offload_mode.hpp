@@ -103,7 +103,9 @@ inline int run_offload(specmoe::detail::cli::args& a) {
   auto const same_policy = offload::simulate_offload(tr, prof, resident_o);
   o.resident_hit = same_policy.cache_hit_rate;
   auto const r = offload::simulate_offload(tr, prof, o);
-  prefetch::model_options const mo{o.cache_experts, o.resident_hit};
+  prefetch::model_options const mo{.cache_experts = o.cache_experts,
+                                    .resident_hit = o.resident_hit,
+                                    .protects = repl.rfind("protect", 0) == 0};
   auto const model = prefetch::estimate_step(prof, r.cutoff, mo);
 
   std::printf("{\"layers\": %d, \"experts\": %d, \"top_k\": %d, \"gamma\": %d, \"cache_experts\": %d, \"predictor\": \"%s\", "

@@ -71,6 +71,67 @@ TEST_CASE("expert_cache: protected experts survive prefetches, not demand loads"
   CHECK(*b->evicted == expert_key{0, 6});
 }
 
+TEST_CASE("expert_cache: a protection ends at the expert's use", "[offload][cache]") {
+  offload::expert_cache<offload::protect_predicted<offload::frequency_replacement>> c(2, 8, 3);
+  std::vector<std::uint64_t> uses(16, 0);
+  uses[0] = 50;  // expert (0, 0) is hot; (0, 1) and (1, 2) are cold
+  c.seed_uses(uses);
+  for (int e : {0, 1}) REQUIRE(c.admit({0, e}, false));
+  REQUIRE(c.admit({1, 2}, false));
+  std::vector<expert_key> const step{{0, 1}, {1, 2}};
+  c.protect(step);
+  CHECK(c.slot(c.slot_of({0, 1})).is_protected);
+  REQUIRE(c.use({0, 1}));  // layer 0 ran: (0, 1) has done its job for this step
+  CHECK_FALSE(c.slot(c.slot_of({0, 1})).is_protected);
+  CHECK(c.slot(c.slot_of({1, 2})).is_protected);
+  auto const a = c.admit({1, 5}, /*speculative=*/true);  // the used cold one goes, not the hot one nor the awaited one
+  REQUIRE(a);
+  CHECK(*a->evicted == expert_key{0, 1});
+  // an expert used, evicted and admitted again in the same step is not protected again
+  auto const b = c.admit({0, 1}, false);
+  REQUIRE(b);
+  CHECK_FALSE(c.slot(c.slot_of({0, 1})).is_protected);
+}
+
+TEST_CASE("expert_cache: one step's prefetches do not evict each other under the frequency order", "[offload][cache]") {
+  // Prefetched experts are cold (they were not resident), so the frequency order ranks them
+  // lowest; protected as they are admitted, they stay until verification reads them.
+  int const layers = 4, experts = 16, slots = 8;
+  std::vector<std::uint64_t> uses(static_cast<std::size_t>(layers * experts), 1);
+  std::mt19937_64 rng(std::random_device{}());
+  for (int l = 0; l < layers; ++l) {
+    for (int e = 0; e < 2; ++e) uses[static_cast<std::size_t>(l * experts + e)] = 100 + rng() % 100;  // 8 hot experts
+  }
+  offload::expert_cache<offload::protect_predicted<offload::frequency_replacement>> c(layers, experts, slots);
+  offload::expert_cache<offload::frequency_replacement> plain(layers, experts, slots);
+  c.seed_uses(uses);
+  plain.seed_uses(uses);
+  for (int l = 0; l < layers; ++l) {
+    for (int e = 0; e < 2; ++e) {
+      REQUIRE(c.admit({l, e}, false));
+      REQUIRE(plain.admit({l, e}, false));
+    }
+  }
+  std::vector<expert_key> predicted;
+  for (int l = 0; l < 2; ++l) {  // a step predicts two cold experts in each of layers 0 and 1
+    for (int e = 0; e < 2; ++e) {
+      expert_key const k{l, 2 + 2 * e + static_cast<int>(rng() % 2)};  // distinct, never a hot one
+      predicted.push_back(k);
+      c.protect(predicted);
+      REQUIRE(c.admit(k, true));
+      REQUIRE(plain.admit(k, true));
+    }
+  }
+  int kept = 0, kept_plain = 0;
+  for (auto k : predicted) {
+    kept += c.resident(k);
+    kept_plain += plain.resident(k);
+  }
+  CHECK(kept == 4);
+  CHECK(kept_plain == 1);  // each cold prefetch was the next one's victim
+  CHECK(c.counters().wasted_prefetches == 0);
+}
+
 TEST_CASE("expert_cache: random traffic keeps the book consistent and within budget", "[offload][cache]") {
   std::mt19937_64 rng(std::random_device{}());
   int const layers = 5, experts = 16, slots = 11;

@@ -119,6 +119,38 @@ TEST_CASE("latency model: the curve is U-shaped when prefetches outgrow the cach
   for (auto const& e : c.curve) CHECK(e.tpot_us >= c.best().tpot_us);
 }
 
+TEST_CASE("latency model: prefetches past the room displace residents or are lost", "[prefetch][model]") {
+  std::mt19937_64 rng(std::random_device{}());
+  auto const p = random_profile(rng);
+  double const u = prefetch::expected_distinct(p.experts, p.top_k, p.gamma + 1);
+  int const cache = p.layers * p.experts / 2;
+  double const h = std::uniform_real_distribution<double>(0.3, 0.7)(rng);
+  double const room = std::uniform_real_distribution<double>(2.0, 20.0)(rng);
+  double const q = std::uniform_real_distribution<double>(0.1, 0.9)(rng);
+  // protected: each prefetch past the room costs q demand copies later, spread over the layers
+  prefetch::model_options kept{.cache_experts = cache, .resident_hit = h, .protects = true, .room = room, .displaced_use = 0.0};
+  auto with_q = kept;
+  with_q.displaced_use = q;
+  auto const free_of_cost = prefetch::estimate_step(p, p.layers, kept);
+  auto const charged = prefetch::estimate_step(p, p.layers, with_q);
+  REQUIRE(free_of_cost.prefetched > room);
+  double const capacity = cache - u;
+  CHECK(charged.demand - free_of_cost.demand == Approx((std::min(free_of_cost.prefetched, capacity) - room) * q));
+  CHECK(charged.step_us > free_of_cost.step_us);
+  // unprotected with no room: every prefetch is evicted by the next one, so the step is on demand
+  prefetch::model_options lost{.cache_experts = cache, .resident_hit = h, .protects = false, .room = 0.0};
+  auto const none = prefetch::estimate_step(p, 0, lost);
+  auto const deep = prefetch::estimate_step(p, p.layers, lost);
+  CHECK(deep.demand == Approx(none.demand));
+  CHECK(deep.step_us == Approx(none.step_us));
+  // the default room is one layer's demand loads, u (1 - h): a prefetch depth within it costs nothing
+  prefetch::model_options def{.cache_experts = cache, .resident_hit = h, .protects = true, .displaced_use = q};
+  auto no_charge = def;
+  no_charge.displaced_use = 0.0;
+  auto const one = prefetch::estimate_step(p, 1, def);
+  if (one.prefetched <= u * (1 - h)) CHECK(one.demand == Approx(prefetch::estimate_step(p, 1, no_charge).demand));
+}
+
 TEST_CASE("latency model: tokens per step and distinct experts", "[prefetch][model]") {
   CHECK(prefetch::tokens_per_step(1, 0.5) == Approx(1.5));
   CHECK(prefetch::tokens_per_step(3, 1.0) == Approx(4.0));

@@ -8,7 +8,8 @@
 //
 // Invariants (tests/offload): never more experts than slots; an expert is in at most one slot; a
 // pinned slot (a kernel may still read it) is never chosen as a victim; a protected expert
-// (predicted for the current verification) is evicted only when nothing else can be.
+// (predicted for the current verification and not yet used by it) is evicted only when nothing
+// else can be.
 #pragma once
 
 #include <specmoe/core/error.hpp>
@@ -35,7 +36,7 @@ struct slot_state {
   expert_key key{};
   bool occupied = false;
   int pins = 0;                  ///< > 0: a kernel may read the slot; never a victim
-  bool is_protected = false;     ///< predicted for the current verification
+  bool is_protected = false;     ///< predicted for the current verification, not yet used by it
   bool speculative = false;      ///< filled by a prefetch and not used since
   std::uint64_t last_use = 0;    ///< tick of the last use (or of the fill)
   std::uint64_t uses = 0;        ///< uses since the fill (LFU counts these)
@@ -131,6 +132,7 @@ class expert_cache {
     slots_.resize(static_cast<std::size_t>(slots));
     where_.assign(static_cast<std::size_t>(layers) * static_cast<std::size_t>(experts), -1);
     key_uses_.assign(where_.size(), 0);
+    protected_key_.assign(where_.size(), 0);
     free_.reserve(static_cast<std::size_t>(slots));
     for (int s = slots - 1; s >= 0; --s) free_.push_back(s);
   }
@@ -152,12 +154,16 @@ class expert_cache {
     ++tick_;
     auto const uses_of_key = ++key_uses_[index(k)];
     int const s = slot_of(k);
+    // a verification uses each layer's experts once: the protection has done its job (kept, it
+    // would hold the step's cold experts over hot ones until the step ends)
+    protected_key_[index(k)] = 0;
     if (s < 0) {
       ++counters_.misses;
       return false;
     }
     ++counters_.hits;
     auto& st = slots_[static_cast<std::size_t>(s)];
+    st.is_protected = false;
     if (st.speculative) {
       ++counters_.useful_prefetches;
       st.speculative = false;
@@ -243,12 +249,14 @@ class expert_cache {
   }
 
   /// @brief The experts predicted for the current verification: a policy that protects keeps them
-  /// while any other slot can go. Replaces the previous set.
+  /// while any other slot can go, until a `use` of each. Replaces the previous set.
   void protect(std::span<expert_key const> keys) {
     for (int s : protected_slots_) slots_[static_cast<std::size_t>(s)].is_protected = false;
     protected_slots_.clear();
+    for (auto k : protected_) protected_key_[index(k)] = 0;
     protected_.assign(keys.begin(), keys.end());
     for (auto k : protected_) {
+      protected_key_[index(k)] = 1;
       if (int const s = slot_of(k); s >= 0) {
         slots_[static_cast<std::size_t>(s)].is_protected = true;
         protected_slots_.push_back(s);
@@ -267,9 +275,7 @@ class expert_cache {
     SPECMOE_EXPECTS(s >= 0, errc::invalid_argument, "expert_cache: layer ", k.layer, " expert ", k.expert, " is not resident");
     return slots_[static_cast<std::size_t>(s)];
   }
-  [[nodiscard]] bool is_in_protected(expert_key k) const {
-    return std::find(protected_.begin(), protected_.end(), k) != protected_.end();
-  }
+  [[nodiscard]] bool is_in_protected(expert_key k) const { return protected_key_[index(k)] != 0; }
   /// Lowest-scored evictable slot; protected ones only when allowed and nothing else is left.
   [[nodiscard]] int victim(bool allow_protected) const {
     int best = -1, best_protected = -1;
@@ -293,8 +299,9 @@ class expert_cache {
   std::vector<int> where_;  // [layers * experts] slot or -1
   std::vector<std::uint64_t> key_uses_;  // [layers * experts] uses since the cache began
   std::vector<int> free_;
-  std::vector<expert_key> protected_;
-  std::vector<int> protected_slots_;
+  std::vector<expert_key> protected_;    // the last protect() set (to clear its flags)
+  std::vector<char> protected_key_;      // [layers * experts] 1: protected and not yet used
+  std::vector<int> protected_slots_;     // slots marked is_protected (some may have been used since)
   std::uint64_t tick_ = 0;
   cache_counters counters_;
 };

@@ -130,7 +130,7 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
   offload_sim_result r;
   r.cutoff = o.predictor == sim_predictor::draft || o.predictor == sim_predictor::oracle ? (o.cutoff < 0 ? L : o.cutoff) : 0;
   if ((o.predictor == sim_predictor::draft || o.predictor == sim_predictor::oracle) && o.cutoff < 0) {
-    r.cutoff = prefetch::choose_cutoff(prof, {o.cache_experts, o.resident_hit}).cutoff;
+    r.cutoff = prefetch::choose_cutoff(prof, {.cache_experts = o.cache_experts, .resident_hit = o.resident_hit, .protects = Policy::protects}).cutoff;
   }
   prefetch::cutoff_layer const draft_depth(r.cutoff);
   prefetch::fixed_depth const look_depth(o.lookahead_depth);
@@ -203,6 +203,7 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
       double const t0 = clock;
       std::fill(named.begin(), named.end(), 0);
       protect.clear();
+      if constexpr (Policy::protects) cache.protect(protect);  // the last step's guesses are free game
       // --- draft phase: predictions queued as the draft's layers finish
       if (o.predictor == sim_predictor::draft || o.predictor == sim_predictor::oracle) {
         for (int j = 0; j < gamma; ++j) {
@@ -212,6 +213,9 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
               if (e < 0 || named[static_cast<std::size_t>(l) * E + e]) return;
               named[static_cast<std::size_t>(l) * E + e] = 1;
               protect.push_back({l, e});
+              // protected before it is admitted: otherwise the step's own prefetches, cold experts
+              // with the lowest scores, evict each other before verification reads them
+              if constexpr (Policy::protects) cache.protect(protect);
               if (prefetch::may_prefetch(draft_depth, -1, l)) prefetch({l, e}, t);
             };
             if (o.predictor == sim_predictor::draft) {
@@ -229,7 +233,6 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
             }
           }
         }
-        if constexpr (Policy::protects) cache.protect(protect);
       }
       // --- verification
       double t = t0 + gamma * prof.draft_pass_us;
@@ -289,6 +292,10 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
                 int const e = keep_guess(guess_rng) ? tr.id(ahead, p + j, s) : any_expert(guess_rng);
                 if (e < 0) continue;
                 named[static_cast<std::size_t>(ahead) * E + e] = 1;
+                if constexpr (Policy::protects) {  // the same protection as the draft's guesses
+                  protect.push_back({ahead, e});
+                  cache.protect(protect);
+                }
                 prefetch({ahead, e}, t);
               }
             }
@@ -334,6 +341,13 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
               r.lossless = false;
               r.lossless_detail = "layer " + std::to_string(l) + " output differs from all-resident";
             }
+          }
+        }
+        if constexpr (Policy::protects) {  // this layer has run: its guesses, right or wrong, need no slot any more
+          auto const gone = std::remove_if(protect.begin(), protect.end(), [l](expert_key kk) { return kk.layer == l; });
+          if (gone != protect.end()) {
+            protect.erase(gone, protect.end());
+            cache.protect(protect);
           }
         }
         r.stall_us += ready - t;

@@ -134,6 +134,13 @@ class offloaded_moe_stack {
       if (e >= 0 && std::find(keys_.begin(), keys_.end(), key) == keys_.end()) keys_.push_back(key);
     }
     prefetcher_.acquire(keys_, stream);
+    if constexpr (Policy::protects) {  // this layer has run: its guesses, right or wrong, need no slot any more
+      auto const gone = std::remove_if(predicted_.begin(), predicted_.end(), [layer](expert_key k) { return k.layer == layer; });
+      if (gone != predicted_.end()) {
+        predicted_.erase(gone, predicted_.end());
+        prefetcher_.protect(predicted_);
+      }
+    }
     try {
       l.forward_async(cuda_batch{x, device_routing}, out, stream);
     } catch (...) {

@@ -10,10 +10,16 @@
 //     prefetch queue (whatever has not crossed yet is taken over by the demand path), the others
 //     are demand loads. Demand copies go ahead of queued prefetches but wait for the copy in
 //     flight (half a copy, expected). The experts compute once all have arrived.
-//   - over-fetch: prefetches only help while they fit. When the step's prefetched experts exceed
-//     the cache's free slots, the earliest ones are evicted before use (they are the least
-//     recently touched) yet still cost link time: deeper cutoffs then lose. With the link time
-//     that late prefetches take from demand loads, this gives the U-shaped curve the paper reports.
+//   - over-fetch: prefetches only help while they fit in the cache's room, the slots whose experts
+//     would not be hit anyway. In a warm cache under a frequency order that room is about one
+//     layer's demand loads (the other slots hold the hot set). Past it, a cache that protects the
+//     step's predictions (protect_predicted) displaces residents that would have been hit, each
+//     costing a later demand copy with the probability that it is used (`displaced_use`); one
+//     that does not protect them loses the step's own earlier prefetches, evicted by the later ones
+//     (usually while still queued: no link time, no gain). Deeper cutoffs then lose or stay level: with the link time that late prefetches
+//     take from demand loads, this gives the U-shaped curve the paper reports. (Before the room
+//     was the free slots, C - u, the model expected deeper cutoffs to win where an H100 measured a
+//     4-16% loss, 2026-12-07.)
 // TPOT = step time / expected tokens per step (1 + accepted drafts).
 //
 // The event-driven simulator (offload/offload_sim.hpp) replays real routing through the real
@@ -38,6 +44,13 @@ struct model_options {
   int cache_experts = 0;        ///< GPU slots for routed experts, over all layers
   double resident_hit = -1;     ///< share of needed experts resident without prefetch; < 0: estimate
                                 ///< min(1, cache_experts / (layers * experts))
+  bool protects = true;         ///< the cache keeps the step's predictions (protect_predicted)
+  double room = -1;             ///< slots a step's prefetches may fill without displacing an expert
+                                ///< that would be hit; < 0: one layer's demand loads, u (1 - h)
+  double displaced_use = -1;    ///< expected uses in later steps of a resident displaced by an
+                                ///< over-fetch (protects only); < 0: half the average resident's
+                                ///< hits per step, h u layers / (2 cache_experts): the displaced are
+                                ///< the least used residents
 };
 
 /// @brief The model's breakdown of one step at one cutoff.
@@ -91,10 +104,18 @@ struct step_estimate {
     copies[static_cast<std::size_t>(l)] = expected_distinct(p.experts, p.top_k, p.gamma) * (1.0 - h);
     prefetched += copies[static_cast<std::size_t>(l)];
   }
-  // Over-fetch: the slots a step can fill speculatively without evicting its own prefetches are
-  // those beyond the working set of the layer computing; the earliest prefetches go first.
-  double const room = std::max(0.0, o.cache_experts - u);
-  double excess = std::max(0.0, prefetched - room);
+  // Over-fetch past the room (see the header): displaced residents come back as demand copies
+  // spread over the layers, or (no protection) the earliest prefetches are lost before use.
+  // Whatever the policy, no more than the slots beside the computing layer's (C - u) can wait.
+  double const capacity = std::max(0.0, o.cache_experts - u);
+  double const room = std::min(capacity, o.room >= 0 ? o.room : u * (1.0 - h));
+  double displaced_demand = 0;  // per layer
+  if (o.protects) {
+    double const q = o.displaced_use >= 0 ? o.displaced_use
+                                          : std::min(1.0, h * u * p.layers / (2.0 * std::max(1, o.cache_experts)));
+    displaced_demand = std::max(0.0, std::min(prefetched, capacity) - room) * q / p.layers;
+  }
+  double excess = std::max(0.0, prefetched - (o.protects ? capacity : room));
   for (int l = 0; l < cutoff && excess > 0; ++l) {
     double const lost = std::min(excess, copies[static_cast<std::size_t>(l)]);
     keep[static_cast<std::size_t>(l)] = copies[static_cast<std::size_t>(l)] > 0 ? 1.0 - lost / copies[static_cast<std::size_t>(l)] : 1.0;
@@ -111,7 +132,7 @@ struct step_estimate {
   for (int j = 0; j < p.gamma; ++j) {
     for (int l = 0; l < cutoff; ++l) {
       double const share = expected_distinct(p.experts, p.top_k, j + 1) - expected_distinct(p.experts, p.top_k, j);
-      double const amount = share * (1.0 - h);
+      double const amount = share * (1.0 - h) * keep[static_cast<std::size_t>(l)];  // a lost one is evicted while queued: never crosses
       if (amount > 0) queue.push_back({l, amount, (j + (l + 1.0) / p.layers) * p.draft_pass_us});
     }
   }
@@ -149,7 +170,7 @@ struct step_estimate {
     // most the share `named` of the layer's distinct experts, each right with the draft's accuracy
     double const named = expected_distinct(p.experts, p.top_k, p.gamma) / u;
     double const predicted = l < cutoff ? std::min(1.0, p.accuracy[L]) * std::min(1.0, named) * keep[L] : 0.0;
-    double demand = missing * (1.0 - predicted);
+    double demand = missing * (1.0 - predicted) + displaced_demand;
     double ready = t;
     if (l < cutoff) {
       // prefetches of this layer still queued are taken over by the demand path
