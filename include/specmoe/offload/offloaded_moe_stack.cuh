@@ -53,10 +53,14 @@ struct offloaded_stack_options {
 /// @brief L MoE layers (one moe_config shape) on one GPU with offloaded routed experts.
 ///
 /// @tparam Policy the expert cache's replacement policy. With a policy that protects
-///         (protect_predicted), everything passed to `speculate` since the last `new_step` is
-///         protected from eviction by later prefetches. The default, frequency_replacement, was
-///         1.27-1.64x faster than LRU on demand on an H100 (DeepSeek-V2-Lite shape; decoding walks
-///         the layers in a loop longer than the cache, LRU's worst case; docs/benchmarks.md).
+///         (protect_predicted), what `speculate` named since the last `new_step` is kept from
+///         eviction by later prefetches until its layer's forward_layer has run. The default,
+///         frequency_replacement, was 1.27-1.64x faster than LRU on demand on an H100
+///         (DeepSeek-V2-Lite shape; decoding walks the layers in a loop longer than the cache,
+///         LRU's worst case; docs/benchmarks.md). Under it a cold prefetch ranks lowest, so the
+///         next prefetch evicts it: for draft prefetch use protect_predicted<frequency_replacement>
+///         with the latency model's cutoff (deep prefetch then displaces the hot set: the cutoff
+///         is what bounds it).
 template <replacement_policy Policy = frequency_replacement>
 class offloaded_moe_stack {
  public:
