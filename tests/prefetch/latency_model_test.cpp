@@ -24,6 +24,7 @@ prefetch::offload_profile random_profile(std::mt19937_64& rng, int gamma = 1) {
   for (auto& t : p.moe_us) t *= u(rng);
   for (auto& a : p.accuracy) a = std::uniform_real_distribution<double>(0.3, 0.95)(rng);
   p.draft_pass_us *= u(rng);
+  p.draft_readback_us = 30.0 * u(rng);
   p.device = "test";
   return p;
 }
@@ -45,6 +46,7 @@ TEST_CASE("offload profile: JSON round trip keeps every field", "[prefetch][prof
   CHECK(q.gamma == 2);
   CHECK(q.expert_bytes == p.expert_bytes);
   CHECK(q.draft_pass_us == p.draft_pass_us);
+  CHECK(q.draft_readback_us == p.draft_readback_us);
   CHECK(q.attn_us == p.attn_us);
   CHECK(q.moe_us == p.moe_us);
   CHECK(q.accuracy == p.accuracy);
@@ -62,6 +64,9 @@ TEST_CASE("offload profile: bad files and fields get errors naming them", "[pref
   p = random_profile(rng);
   p.link_bytes_per_us = std::nan("");
   require_error([&] { prefetch::validate_profile(p); }, errc::invalid_argument, "link_bytes_per_us");
+  p = random_profile(rng);
+  p.draft_readback_us = -1;
+  require_error([&] { prefetch::validate_profile(p); }, errc::invalid_argument, "draft_readback_us");
   auto const path = temp_file("bad_profile");
   {
     std::ofstream(path) << "{\"format\": \"specmoe-offload-profile/1\", \"layers\": 2}";
@@ -142,13 +147,46 @@ TEST_CASE("latency model: prefetches past the room displace residents or are los
   auto const none = prefetch::estimate_step(p, 0, lost);
   auto const deep = prefetch::estimate_step(p, p.layers, lost);
   CHECK(deep.demand == Approx(none.demand));
-  CHECK(deep.step_us == Approx(none.step_us));
+  CHECK(deep.step_us == Approx(none.step_us + p.gamma * p.layers * p.draft_readback_us));  // only the read-backs
   // the default room is one layer's demand loads, u (1 - h): a prefetch depth within it costs nothing
   prefetch::model_options def{.cache_experts = cache, .resident_hit = h, .protects = true, .displaced_use = q};
   auto no_charge = def;
   no_charge.displaced_use = 0.0;
   auto const one = prefetch::estimate_step(p, 1, def);
   if (one.prefetched <= u * (1 - h)) CHECK(one.demand == Approx(prefetch::estimate_step(p, 1, no_charge).demand));
+}
+
+TEST_CASE("latency model: each layer read back below the cutoff costs the draft pass", "[prefetch][model]") {
+  std::mt19937_64 rng(std::random_device{}());
+  auto p = random_profile(rng);
+  int const cache = p.layers * p.experts / 2;
+  // everything resident: nothing crosses the link, so only the read-backs differ
+  prefetch::model_options const o{.cache_experts = cache, .resident_hit = 1.0, .protects = true, .displaced_use = 0.0};
+  int const cutoff = std::uniform_int_distribution<int>(1, p.layers)(rng);
+  auto q = p;
+  q.draft_readback_us = 0;
+  auto const with = prefetch::estimate_step(p, cutoff, o);
+  auto const without = prefetch::estimate_step(q, cutoff, o);
+  REQUIRE(p.draft_readback_us > 0);
+  CHECK(with.step_us - without.step_us == Approx(p.gamma * cutoff * p.draft_readback_us));
+  CHECK(prefetch::estimate_step(p, 0, o).step_us == Approx(prefetch::estimate_step(q, 0, o).step_us));  // none at cutoff 0
+  // a profile file without the field (written before it existed) reads as 0
+  auto const path = temp_file("old_profile");
+  prefetch::write_profile(path, p);
+  std::string text;
+  {
+    std::ifstream in(path);
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  auto const at = text.find("\"draft_readback_us\"");
+  REQUIRE(at != std::string::npos);
+  auto const end = text.find(',', at);
+  text.erase(at, end - at + 1);
+  {
+    std::ofstream(path) << text;
+  }
+  CHECK(prefetch::read_profile(path).draft_readback_us == 0.0);
+  fs::remove(path);
 }
 
 TEST_CASE("latency model: tokens per step and distinct experts", "[prefetch][model]") {

@@ -9,7 +9,8 @@
 //   draft:        gamma passes; pass j reads input p + j; when its layer l finishes (at
 //                 (j + (l + 1) / layers) * draft_pass_us) the draft's routing of position p + j at
 //                 layer l is known, and is queued for prefetch if the depth policy allows target
-//                 layer l from the draft phase. (The last drafted token, p + gamma, is never read
+//                 layer l from the draft phase; each layer read back below the cutoff adds the
+//                 profile's draft_readback_us to the pass. (The last drafted token, p + gamma, is never read
 //                 by the draft: its experts have no prediction.)
 //   verification: positions p .. p + gamma, layer by layer: attention, gate, then every distinct
 //                 expert the layer needs must be resident: a queued prefetch not yet on the link is
@@ -133,6 +134,9 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
     r.cutoff = prefetch::choose_cutoff(prof, {.cache_experts = o.cache_experts, .resident_hit = o.resident_hit, .protects = Policy::protects}).cutoff;
   }
   prefetch::cutoff_layer const draft_depth(r.cutoff);
+  // the draft's routing is read back after each layer below the cutoff (the oracle needs none)
+  int const read_back = o.predictor == sim_predictor::draft ? r.cutoff : 0;
+  double const draft_pass = prof.draft_pass_us + read_back * prof.draft_readback_us;
   prefetch::fixed_depth const look_depth(o.lookahead_depth);
 
   expert_cache<Policy> cache(L, E, o.cache_experts, per_layer);
@@ -208,7 +212,7 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
       if (o.predictor == sim_predictor::draft || o.predictor == sim_predictor::oracle) {
         for (int j = 0; j < gamma; ++j) {
           for (int l = 0; l < L; ++l) {
-            double const t = t0 + (j + (l + 1.0) / L) * prof.draft_pass_us;
+            double const t = t0 + j * draft_pass + (l + 1.0) / L * prof.draft_pass_us + std::min(l + 1, read_back) * prof.draft_readback_us;
             auto name = [&](int e) {
               if (e < 0 || named[static_cast<std::size_t>(l) * E + e]) return;
               named[static_cast<std::size_t>(l) * E + e] = 1;
@@ -235,7 +239,7 @@ offload_sim_result simulate_offload(trace::routing_trace const& tr, prefetch::of
         }
       }
       // --- verification
-      double t = t0 + gamma * prof.draft_pass_us;
+      double t = t0 + gamma * draft_pass;
       for (int l = 0; l < L; ++l) {
         t += prof.attn_us[static_cast<std::size_t>(l)];
         serve_until(t);

@@ -4,7 +4,8 @@
 // through every target layer. The model follows expected counts along that timeline (a fluid
 // model: fractions of experts, not samples):
 //   - during draft pass j, when draft layer l finishes, the draft's prediction for target layer l
-//     is queued on the link if l < cutoff (FIFO, one copy at a time, t_io per expert);
+//     is read back and queued on the link if l < cutoff (FIFO, one copy at a time, t_io per
+//     expert); each read-back costs the pass draft_readback_us;
 //   - verification layer l: attention, then the gate; the layer needs u experts, a share h of them
 //     already resident; of the rest, the share the draft predicted (accuracy a_l) comes from the
 //     prefetch queue (whatever has not crossed yet is taken over by the demand path), the others
@@ -133,7 +134,9 @@ struct step_estimate {
     for (int l = 0; l < cutoff; ++l) {
       double const share = expected_distinct(p.experts, p.top_k, j + 1) - expected_distinct(p.experts, p.top_k, j);
       double const amount = share * (1.0 - h) * keep[static_cast<std::size_t>(l)];  // a lost one is evicted while queued: never crosses
-      if (amount > 0) queue.push_back({l, amount, (j + (l + 1.0) / p.layers) * p.draft_pass_us});
+      double const issue = j * (p.draft_pass_us + cutoff * p.draft_readback_us) + (l + 1.0) / p.layers * p.draft_pass_us +
+                           (l + 1) * p.draft_readback_us;
+      if (amount > 0) queue.push_back({l, amount, issue});
     }
   }
   std::size_t head = 0;
@@ -160,7 +163,7 @@ struct step_estimate {
   step_estimate est;
   est.cutoff = cutoff;
   est.prefetched = prefetched;
-  double t = p.gamma * p.draft_pass_us;
+  double t = p.gamma * (p.draft_pass_us + cutoff * p.draft_readback_us);
   for (int l = 0; l < p.layers; ++l) {
     auto const L = static_cast<std::size_t>(l);
     t += p.attn_us[L];

@@ -35,6 +35,11 @@ struct offload_profile {
   double link_bytes_per_us = 55.0e3;           ///< host-to-device bandwidth (55 GB/s = pinned H100/H200, measured)
   double copy_latency_us = 10.0;               ///< fixed cost per copy batch (launch, DMA setup)
   double draft_pass_us = 0;                    ///< one draft forward of one token, all draft layers
+  /// What reading one draft layer's routing back costs the draft pass (the stream drains, the host
+  /// reads the ids and queues the prefetch, the next layer launches), paid for every layer below
+  /// the cutoff. Optional in the file (0). Without it the model expected deep cutoffs to gain where
+  /// the GPU measured a loss (docs/benchmarks.md, issue 7).
+  double draft_readback_us = 0;
   std::vector<double> attn_us;                 ///< [layers] target dense part (attention, norms) of verification
   std::vector<double> moe_us;                  ///< [layers] target expert compute of verification, experts resident
   std::vector<double> accuracy;                ///< [layers] share of verification's experts the draft predicted
@@ -63,8 +68,8 @@ inline void validate_profile(offload_profile const& p, std::string const& where 
                   p.expert_bytes, " must be positive");
   SPECMOE_EXPECTS(std::isfinite(p.link_bytes_per_us) && p.link_bytes_per_us > 0, errc::invalid_argument, where,
                   ": link_bytes_per_us ", p.link_bytes_per_us, " must be positive");
-  SPECMOE_EXPECTS(finite_nonneg(p.copy_latency_us) && finite_nonneg(p.draft_pass_us), errc::invalid_argument, where,
-                  ": copy_latency_us and draft_pass_us must be finite and >= 0");
+  SPECMOE_EXPECTS(finite_nonneg(p.copy_latency_us) && finite_nonneg(p.draft_pass_us) && finite_nonneg(p.draft_readback_us),
+                  errc::invalid_argument, where, ": copy_latency_us, draft_pass_us and draft_readback_us must be finite and >= 0");
   auto check_layers = [&](std::vector<double> const& v, char const* name, double hi) {
     SPECMOE_EXPECTS(static_cast<int>(v.size()) == p.layers, errc::invalid_argument, where, ": ", name, " has ", v.size(),
                     " entries, layers is ", p.layers);
@@ -133,6 +138,7 @@ inline void write_profile(std::filesystem::path const& path, offload_profile con
                            {"link_bytes_per_us", p.link_bytes_per_us},
                            {"copy_latency_us", p.copy_latency_us},
                            {"draft_pass_us", p.draft_pass_us},
+                           {"draft_readback_us", p.draft_readback_us},
                            {"attn_us", doubles(p.attn_us)},
                            {"moe_us", doubles(p.moe_us)},
                            {"accuracy", doubles(p.accuracy)}};
@@ -158,6 +164,7 @@ inline offload_profile read_profile(std::filesystem::path const& path) {
   p.link_bytes_per_us = num("link_bytes_per_us");
   p.copy_latency_us = num("copy_latency_us");
   p.draft_pass_us = num("draft_pass_us");
+  if (auto const* r = doc.find("draft_readback_us")) p.draft_readback_us = r->as_double(file + ": draft_readback_us");
   p.attn_us = profile_detail::doubles(doc.at("attn_us", file), file + ": attn_us");
   p.moe_us = profile_detail::doubles(doc.at("moe_us", file), file + ": moe_us");
   p.accuracy = profile_detail::doubles(doc.at("accuracy", file), file + ": accuracy");
