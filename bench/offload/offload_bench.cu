@@ -312,15 +312,23 @@ double replayed_resident_hit(trace::routing_trace const& tr, std::int64_t replay
           if (e >= 0 && std::find(distinct.begin(), distinct.end(), e) == distinct.end()) distinct.push_back(e);
         }
       }
+      // as prefetcher::acquire: the resident ones pinned first, then the misses admitted and
+      // pinned (a layer's misses never evict each other), all unpinned after the layer
+      bool const counted = step >= warm;
       for (int const e : distinct) {
-        bool const counted = step >= warm;
-        needed += counted;
-        if (cache.use({l, e})) {
-          hits += counted;
-        } else {
-          (void)cache.admit({l, e}, false);
-        }
+        if (!cache.resident({l, e})) continue;
+        (void)cache.use({l, e});
+        cache.pin({l, e});
+        hits += counted;
       }
+      for (int const e : distinct) {
+        if (cache.resident({l, e})) continue;
+        (void)cache.use({l, e});
+        (void)cache.admit({l, e}, false);
+        cache.pin({l, e});
+      }
+      needed += counted ? static_cast<std::int64_t>(distinct.size()) : 0;
+      for (int const e : distinct) cache.unpin({l, e});
     }
   }
   return needed > 0 ? static_cast<double>(hits) / static_cast<double>(needed) : 0.0;
@@ -371,6 +379,12 @@ step_routing routing_of_step(trace::routing_trace const& tr, std::int64_t p0, in
   return r;
 }
 
+/// Copies the prefetcher commits to the link at once (a demand load cannot overtake them).
+int inflight_copies(so::prefetcher_config const& c, std::size_t expert_bytes) {
+  auto const by_bytes = std::max<std::size_t>(1, c.max_inflight_bytes / expert_bytes);
+  return static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(c.max_batch), by_bytes)) * c.max_inflight_batches;
+}
+
 /// `cutoff` (draft modes): target layers below it take the draft's predictions; -1: the latency
 /// model's choice from the profile measured on this GPU (mode draft_model_cutoff).
 template <class Policy>
@@ -393,7 +407,8 @@ void run_steps(benchmark::State& state, bench_model& m, int gamma, int cache_per
     prefetch::model_options const mo{.cache_experts = opt.prefetch.slots,
                                       .resident_hit = replayed_resident_hit(tr, replayed, opt.prefetch.slots, gamma, warm_steps,
                                                                             state.max_iterations),
-                                      .protects = Policy::protects};
+                                      .protects = Policy::protects,
+                                      .inflight_copies = inflight_copies(opt.prefetch, m.store->expert_bytes())};
     state.counters["model_resident_hit"] = mo.resident_hit;
     auto const choice = prefetch::choose_cutoff(profile, mo);
     if (cutoff < 0) cutoff = choice.cutoff;

@@ -48,6 +48,9 @@ struct model_options {
   bool protects = true;         ///< the cache keeps the step's predictions (protect_predicted)
   double room = -1;             ///< slots a step's prefetches may fill without displacing an expert
                                 ///< that would be hit; < 0: one layer's demand loads, u (1 - h)
+  int inflight_copies = 1;      ///< copies the prefetcher commits to the link at once (a demand load
+                                ///< waits for them): prefetcher_config's min(max_batch,
+                                ///< max_inflight_bytes / expert bytes) x max_inflight_batches
   double displaced_use = -1;    ///< expected uses in later steps of a resident displaced by an
                                 ///< over-fetch (protects only); < 0: half the average resident's
                                 ///< hits per step, h u layers / (2 cache_experts): the displaced are
@@ -150,7 +153,9 @@ struct step_estimate {
       double const start = std::max(link, b.issue);
       if (start >= t) break;
       double const can = std::max(0.0, (t - start) / t_io);
-      double const take = std::min(b.amount, std::ceil(can));  // whole copies start before t
+      // whole batches start before t: a batch, once issued, cannot be overtaken by a demand load
+      double const batch = std::max(1, o.inflight_copies);
+      double const take = std::min(b.amount, std::ceil(can / batch) * batch);
       link = start + take * t_io;
       b.amount -= take;
       remaining[static_cast<std::size_t>(b.layer)] -= take;
@@ -186,7 +191,7 @@ struct step_estimate {
       remaining[L] = 0;
     }
     if (demand > 1e-12) {
-      double const inflight = link > t ? std::min(link - t, 0.5 * t_io) : 0.0;  // the copy in flight finishes first
+      double const inflight = link > t ? link - t : 0.0;  // the copies already on the link finish first (no double booking)
       double const end = t + inflight + p.copy_latency_us + demand * (t_io - p.copy_latency_us);
       link = std::max(link, end);
       ready = std::max(ready, end);
@@ -209,15 +214,23 @@ struct cutoff_choice {
   [[nodiscard]] step_estimate const& best() const { return curve[static_cast<std::size_t>(cutoff)]; }
 };
 
-/// @brief Picks the cutoff with the lowest modelled TPOT (ties: the shallower one, fewer copies).
-[[nodiscard]] inline cutoff_choice choose_cutoff(offload_profile const& p, model_options const& o) {
+/// @brief Picks the shallowest cutoff whose modelled TPOT is within `tolerance` of the lowest.
+/// A deeper cutoff moves more bytes and displaces more residents for a gain smaller than the
+/// model can resolve: on an H100 and an H200 the measured curves rose 4-16% from the best
+/// cutoff to the deepest where the model's were flat to 1% (docs/benchmarks.md, issue 7).
+[[nodiscard]] inline cutoff_choice choose_cutoff(offload_profile const& p, model_options const& o, double tolerance = 0.01) {
+  SPECMOE_EXPECTS(std::isfinite(tolerance) && tolerance >= 0 && tolerance < 1, errc::invalid_argument, "choose_cutoff: tolerance ",
+                  tolerance, " must lie in [0, 1)");
   cutoff_choice c;
   double best = std::numeric_limits<double>::infinity();
   for (int L = 0; L <= p.layers; ++L) {
     c.curve.push_back(estimate_step(p, L, o));
-    if (c.curve.back().tpot_us < best * (1.0 - 1e-9)) {
-      best = c.curve.back().tpot_us;
+    best = std::min(best, c.curve.back().tpot_us);
+  }
+  for (int L = 0; L <= p.layers; ++L) {
+    if (c.curve[static_cast<std::size_t>(L)].tpot_us <= best * (1.0 + tolerance) * (1.0 + 1e-12)) {
       c.cutoff = L;
+      break;
     }
   }
   return c;
