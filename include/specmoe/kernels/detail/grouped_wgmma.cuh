@@ -56,10 +56,10 @@ inline constexpr int min_real_regs = 64;                  // the real kernel nee
 constexpr std::int64_t max_bands(std::int64_t m_tiles) { return (m_tiles + band - 1) / band; }
 
 /// Dynamic shared memory: 1 KiB alignment slack, the stages, 2 mbarriers and a tile slot a stage,
-/// pre[G + 1], band_start[bands + 1].
+/// offsets[G + 1] (a copy: every tile looks its group's rows up), pre[G + 1], band_start[bands + 1].
 constexpr std::size_t smem_bytes(int G, std::int64_t bands) {
-  return 1024 + static_cast<std::size_t>(stages) * stage_bytes + 16 * stages + 8 * stages + 4 * (static_cast<std::size_t>(G) + 1) +
-         4 * (static_cast<std::size_t>(bands) + 1);
+  return 1024 + static_cast<std::size_t>(stages) * stage_bytes + 16 * stages + 8 * stages + 8 * (static_cast<std::size_t>(G) + 1) +
+         4 * (static_cast<std::size_t>(G) + 1) + 4 * (static_cast<std::size_t>(bands) + 1);
 }
 
 #if SPECMOE_GROUPED_WGMMA_DEVICE
@@ -211,7 +211,8 @@ __global__ void __launch_bounds__(threads, 1)
   std::uint32_t const full0 = base + stages * stage_bytes;  // full[s] = full0 + 8 s
   std::uint32_t const empty0 = full0 + 8 * stages;
   long long* const slot = reinterpret_cast<long long*>(smem + stages * stage_bytes + 16 * stages);  // tile of stage s's k tile 0
-  int* const pre = reinterpret_cast<int*>(smem + stages * stage_bytes + 24 * stages);
+  std::int64_t* const soff = reinterpret_cast<std::int64_t*>(smem + stages * stage_bytes + 24 * stages);  // offsets, 8-byte aligned
+  int* const pre = reinterpret_cast<int*>(soff + G + 1);
   int* const start = pre + G + 1;
   int const tid = static_cast<int>(threadIdx.x);
 
@@ -220,7 +221,12 @@ __global__ void __launch_bounds__(threads, 1)
   for (int b = 0; b < G; b += threads) {
     int const g = b + tid;
     int tiles = 0;
-    if (g < G) tiles = static_cast<int>((offsets[g + 1] - offsets[g] + bm - 1) / bm);
+    if (g < G) {
+      std::int64_t const lo = offsets[g], hi = offsets[g + 1];
+      soff[g] = lo;
+      if (g == G - 1) soff[G] = hi;
+      tiles = static_cast<int>((hi - lo + bm - 1) / bm);
+    }
     int incl = 0, total = 0;
     scan_t(scan_storage).InclusiveSum(tiles, incl, total);
     if (g < G) pre[g + 1] = carry + incl;
@@ -263,7 +269,7 @@ __global__ void __launch_bounds__(threads, 1)
           break;
         }
         long long const next = atomicAdd(sched, 1u);  // asked early: its latency hides behind this tile's loads
-        tile const t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, offsets);
+        tile const t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, soff);
         CUtensorMap const* const m0 = w0_maps + t.g;
         CUtensorMap const* const m1 = SWIGLU ? w1_maps + t.g : m0;
         int const row1 = SWIGLU ? t.n0 : t.n0 + box_rows;
@@ -306,7 +312,7 @@ __global__ void __launch_bounds__(threads, 1)
       mbar_wait(full0 + 8 * stage, phase);  // k tile 0 of the next tile, or the end mark
       long long const lin = slot[stage];
       if (lin < 0) break;
-      tile const t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, offsets);
+      tile t{};  // found while the first k tile's wgmmas run: only the epilogue needs it
       int prev = 0;
       for (int kt = 0; kt < k_tiles; ++kt) {
         if (kt > 0) mbar_wait(full0 + 8 * stage, phase);
@@ -320,6 +326,7 @@ __global__ void __launch_bounds__(threads, 1)
           wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
         }
         wgmma_commit();
+        if (kt == 0) t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, soff);
         wgmma_wait<1>();  // k tile kt - 1 is done: its stage may be refilled
         if (kt > 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
         prev = stage;
