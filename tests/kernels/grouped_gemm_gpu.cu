@@ -55,6 +55,22 @@ cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int
                                  N, y, stream, to_sk(p), raw(maps));
 }
 std::size_t workspace_bytes(int G, std::int64_t M_total) { return sk::grouped_gemm_workspace_bytes(G, M_total); }
+cudaError_t gate_up_wgmma(void const* x, std::int64_t const* offsets, int G, std::int64_t M_total, int K, int F, void* h,
+                          weight_maps const* maps, bool staged) {
+  namespace w = sk::wgmma_detail;
+  if (!w::can_launch<true, dbf16>(G, M_total)) return cudaErrorNotSupported;
+  auto const& m = maps->maps;
+  return w::launch<true, dbf16>(static_cast<dbf16 const*>(x), offsets, G, M_total, m.device_maps(0), m.device_maps(1), K, F,
+                                static_cast<dbf16*>(h), m.tile_counters(), nullptr, staged ? w::epilogue::staged : w::epilogue::direct);
+}
+cudaError_t down_wgmma(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, int F, int N, void* y_bf16,
+                       weight_maps const* maps, bool staged) {
+  namespace w = sk::wgmma_detail;
+  if (!w::can_launch<false, dbf16>(G, M_total)) return cudaErrorNotSupported;
+  auto const& m = maps->maps;
+  return w::launch<false, dbf16>(static_cast<dbf16 const*>(h), offsets, G, M_total, m.device_maps(0), m.device_maps(0), F, N,
+                                 static_cast<dbf16*>(y_bf16), m.tile_counters(), nullptr, staged ? w::epilogue::staged : w::epilogue::direct);
+}
 
 namespace {
 sk::decode_expert_ffn_args to_sk(decode_ffn_args const& a) {

@@ -35,6 +35,12 @@ cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t
 cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down,
                      std::int64_t ld, int F, int N, float* y, cudaStream_t stream, path p, weight_maps const* maps);
 std::size_t workspace_bytes(int G, std::int64_t M_total);
+/// The wgmma kernels with their bf16 epilogue forced: staged (rows through shared memory and bulk
+/// copies) or direct (stores from the registers); cudaErrorNotSupported where staged does not fit.
+cudaError_t gate_up_wgmma(void const* x, std::int64_t const* offsets, int G, std::int64_t M_total, int K, int F, void* h,
+                          weight_maps const* maps, bool staged);
+cudaError_t down_wgmma(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, int F, int N, void* y_bf16,
+                       weight_maps const* maps, bool staged);
 
 /// specmoe::kernels::decode_expert_ffn_args with opaque bf16 pointers.
 struct decode_ffn_args {

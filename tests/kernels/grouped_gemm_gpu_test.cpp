@@ -295,6 +295,8 @@ struct fixture {
   cudaError_t down(path pa, cudaStream_t s) {
     return gg_test::down(d_h.p, d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_y.p, s, pa, maps_down.get());
   }
+  cudaError_t gate_up_wgmma(bool staged) { return gg_test::gate_up_wgmma(d_x.p, d_off.p, p.G, p.M_total, p.K, p.F, d_h.p, maps_up.get(), staged); }
+  cudaError_t down_wgmma(bool staged) { return gg_test::down_wgmma(d_h.p, d_off.p, p.G, p.M_total, p.F, p.N, d_y.p, maps_down.get(), staged); }
   cudaError_t down_f32(path pa, cudaStream_t s) {
     return gg_test::down_f32(d_h.p, d_off.p, p.G, p.M_total, d_pd.p, ld_down, p.F, p.N, d_yf.p, s, pa, maps_down.get());
   }
@@ -377,6 +379,8 @@ std::vector<problem> problems() {
       // stream path on grids of >= 4096 blocks (many small groups, long outputs)
       {64, 128, 120, 256, 2000, 136, sizes_kind::random, true},
       {64, 128, 128, 256, 136, 2000, sizes_kind::with_empty, false},
+      // wgmma: too many groups for the staged epilogue's buffer, so the direct one (bf16 and fp32)
+      {2000, 6000, 5800, 64, 136, 72, sizes_kind::with_empty, true},
   };
 }
 
@@ -394,6 +398,7 @@ TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on eve
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
   bool const sm90 = device_is_sm90();
   std::mt19937_64 rng(20261123);
+  int staged_runs = 0;  // problems that ran the wgmma kernels with the staged epilogue forced
   for (auto const& pr : problems()) {
     fixture fx(pr, rng);
     for (auto const path : {path::automatic, path::stream, path::mma,
@@ -408,7 +413,23 @@ TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on eve
       GG_CHECK(cudaDeviceSynchronize());
       fx.check(what);
     }
+    // the wgmma path's two bf16 epilogues, each forced (the automatic choice runs one of them above)
+    for (bool const staged : {false, true}) {
+      if (!sm90) break;
+      std::string const what = describe(pr) + (staged ? " wgmma staged" : " wgmma direct");
+      INFO(what);
+      fx.poison();
+      cudaError_t const gu = fx.gate_up_wgmma(staged), dn = fx.down_wgmma(staged);
+      if (staged && (gu == cudaErrorNotSupported || dn == cudaErrorNotSupported)) continue;  // too many groups for its buffer
+      GG_CHECK(gu);
+      GG_CHECK(dn);
+      GG_CHECK(fx.down_f32(path::wgmma, nullptr));
+      GG_CHECK(cudaDeviceSynchronize());
+      fx.check(what);
+      staged_runs += staged;
+    }
   }
+  if (sm90) CHECK(staged_runs >= 10);
 }
 
 TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result") {

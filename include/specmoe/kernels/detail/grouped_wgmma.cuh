@@ -9,6 +9,9 @@
 // tile and run wgmma.m64n256k16 (fp32 accumulators in registers) on 128B-swizzled shared memory.
 // 4 stages of (A 128x64, B 256x64) bf16 = 192 KiB, a full and an empty mbarrier per stage; the
 // producer runs ahead into the next tile while the consumers store the last one.
+// Staged epilogue (bf16 out, N % 8 == 0): 3 stages, and the consumers write their tile to shared
+// memory, then hand each row to a bulk copy (cp.async.bulk, one per row: a tile may end mid-way
+// through a group) and go on to the next tile's wgmmas while the copies drain.
 //
 // Tried and dropped: an L2 prefetch stream (cp.async.bulk.prefetch.tensor, 8 k tiles ahead, plus
 // prefetch.tensormap of the next tile) made every shape 2-3x slower on an H100.
@@ -44,7 +47,7 @@ namespace specmoe::kernels::wgmma_detail {
 
 using bf16 = __nv_bfloat16;
 
-inline constexpr int bm = 128, bn = 256, bk = 64, stages = 4, band = 8;
+inline constexpr int bm = 128, bn = 256, bk = 64, band = 8;
 inline constexpr int threads = 384;                       // producer warpgroup + 2 consumer warpgroups
 inline constexpr int box_rows = 128;                      // one TMA box: 64 k x 128 rows = 16 KiB
 inline constexpr int box_bytes = box_rows * bk * 2;
@@ -52,13 +55,30 @@ inline constexpr int a_bytes = bm * bk * 2;               // 16 KiB
 inline constexpr int stage_bytes = a_bytes + bn * bk * 2;  // 48 KiB
 inline constexpr int min_real_regs = 64;                  // the real kernel needs ~168; the stub a few
 
+/// Stages of the ring: the staged epilogue gives one up for its tile buffer.
+template <bool STAGED>
+inline constexpr int stages = STAGED ? 3 : 4;
+/// Staged epilogue: bytes of one staged row (the tile's bf16 outputs, + 16 so the 8 rows one
+/// store instruction writes fall in distinct banks), and of the whole buffer.
+template <bool SWIGLU>
+inline constexpr int staged_pitch = (SWIGLU ? bn / 2 : bn) * 2 + 16;
+template <bool SWIGLU, bool STAGED>
+inline constexpr int staged_bytes = STAGED ? bm * staged_pitch<SWIGLU> : 0;
+/// When the staged epilogue is chosen (use_staged): rows a group on average, and for gate_up tiles
+/// a multiprocessor.
+inline constexpr std::int64_t staged_min_rows_per_group = 128;
+inline constexpr std::int64_t staged_min_swiglu_tiles_per_sm = 40;
+
 /// Bands of row tiles (see locate) for at most m_tiles row tiles: one starts in every `band` tiles.
 constexpr std::int64_t max_bands(std::int64_t m_tiles) { return (m_tiles + band - 1) / band; }
 
-/// Dynamic shared memory: 1 KiB alignment slack, the stages, 2 mbarriers and a tile slot a stage,
-/// offsets[G + 1] (a copy: every tile looks its group's rows up), pre[G + 1], band_start[bands + 1].
+/// Dynamic shared memory: 1 KiB alignment slack, the stages, the staged tile (if any), 2 mbarriers
+/// and a tile slot a stage, offsets[G + 1] (a copy: every tile looks its group's rows up),
+/// pre[G + 1], band_start[bands + 1].
+template <bool SWIGLU, bool STAGED>
 constexpr std::size_t smem_bytes(int G, std::int64_t bands) {
-  return 1024 + static_cast<std::size_t>(stages) * stage_bytes + 16 * stages + 8 * stages + 8 * (static_cast<std::size_t>(G) + 1) +
+  constexpr std::size_t S = stages<STAGED>;
+  return 1024 + S * stage_bytes + staged_bytes<SWIGLU, STAGED> + 24 * S + 8 * (static_cast<std::size_t>(G) + 1) +
          4 * (static_cast<std::size_t>(G) + 1) + 4 * (static_cast<std::size_t>(bands) + 1);
 }
 
@@ -92,6 +112,20 @@ __device__ __forceinline__ void tma_load(std::uint32_t dst, CUtensorMap const* m
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
 }
+
+/// Bulk copy of `bytes` (a multiple of 16) from shared to global memory, in this thread's bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, std::uint32_t src, std::uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+/// This thread's bulk copies have read their shared memory (it may be rewritten).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+/// This thread's bulk copies are complete.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+/// Makes this thread's shared-memory writes visible to the bulk copies (the async proxy).
+__device__ __forceinline__ void fence_to_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+/// Barrier of one warpgroup (id 1 or 2: 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
 
 /// Shared-memory matrix descriptor: K-major, 128B swizzle, 8-row groups 1024 bytes apart (LBO unused).
 __device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr) {
@@ -196,7 +230,7 @@ __device__ __forceinline__ tile locate(long long lin, int const* pre, int G, int
 /// SWIGLU: B rows 0..127 are gate rows n0.., rows 128..255 the up rows of the same outputs, so each
 /// thread holds g (column block j) and u (block j + 16) of one output; otherwise 256 rows of one
 /// matrix. w0_maps / w1_maps: G device-resident tensor maps each (w1 unused without SWIGLU).
-template <bool SWIGLU, class OutT>
+template <bool SWIGLU, class OutT, bool STAGED>
 __global__ void __launch_bounds__(threads, 1)
     grouped_wgmma_kernel(__grid_constant__ CUtensorMap const a_map, CUtensorMap const* __restrict__ w0_maps,
                          CUtensorMap const* __restrict__ w1_maps, std::int64_t const* __restrict__ offsets, int G, int K, int N,
@@ -208,10 +242,15 @@ __global__ void __launch_bounds__(threads, 1)
   std::uint32_t const raw = smem_u32(smem_raw);
   std::uint32_t const base = (raw + 1023u) & ~1023u;  // 128B-swizzle atoms: 1 KiB aligned
   unsigned char* const smem = smem_raw + (base - raw);
-  std::uint32_t const full0 = base + stages * stage_bytes;  // full[s] = full0 + 8 s
+  static_assert(!STAGED || sizeof(OutT) == 2, "the staged epilogue holds bf16 rows");
+  constexpr int stages = wgmma_detail::stages<STAGED>;
+  constexpr int pitch = staged_pitch<SWIGLU>;
+  std::uint32_t const staged = base + stages * stage_bytes;  // STAGED: rows of 64 per consumer warpgroup
+  std::uint32_t const full0 = staged + staged_bytes<SWIGLU, STAGED>;  // full[s] = full0 + 8 s
   std::uint32_t const empty0 = full0 + 8 * stages;
-  long long* const slot = reinterpret_cast<long long*>(smem + stages * stage_bytes + 16 * stages);  // tile of stage s's k tile 0
-  std::int64_t* const soff = reinterpret_cast<std::int64_t*>(smem + stages * stage_bytes + 24 * stages);  // offsets, 8-byte aligned
+  unsigned char* const after_bars = smem + (full0 - base) + 16 * stages;
+  long long* const slot = reinterpret_cast<long long*>(after_bars);  // tile of stage s's k tile 0
+  std::int64_t* const soff = reinterpret_cast<std::int64_t*>(after_bars + 8 * stages);  // offsets, 8-byte aligned
   int* const pre = reinterpret_cast<int*>(soff + G + 1);
   int* const start = pre + G + 1;
   int const tid = static_cast<int>(threadIdx.x);
@@ -339,32 +378,64 @@ __global__ void __launch_bounds__(threads, 1)
       fence_acc(acc);
       if (lane == 0) mbar_arrive(empty0 + 8 * prev);
 
-      // 4. epilogue straight from the accumulators: d[4j + e] is row r (e < 2) or r + 8, column 8j + 2 (lane % 4) + e % 2
-      int const r = (wg - 1) * 64 + warp * 16 + (lane >> 2);
-      int const c = 2 * (lane & 3);
+      // 4. epilogue: d[4j + e] is row r (e < 2) or r + 8, column 8j + 2 (lane % 4) + e % 2
+      if constexpr (STAGED) {
+        // the last tile's copies out of this warpgroup's rows have read them; then write, fence, copy
+        std::uint32_t const rows = staged + static_cast<std::uint32_t>((wg - 1) * 64 * pitch);
+        if (lane < 16) bulk_wait_read();
+        warpgroup_sync(wg);
+        unsigned char* const rows_p = smem + (rows - base);
+        int const c = 2 * (lane & 3);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        int const row = r + half * 8;
-        if (row >= t.mrows) continue;
-        OutT* const orow = out + (t.m0 + row) * static_cast<std::int64_t>(N);
-        if constexpr (SWIGLU) {
+        for (int half = 0; half < 2; ++half) {
+          unsigned char* const srow = rows_p + (warp * 16 + (lane >> 2) + half * 8) * pitch;
 #pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            int const col = t.n0 + 8 * j + c;
-            if (col < N) {
-              store2(orow + col, silu_mul(acc[4 * j + 2 * half], acc[4 * (j + 16) + 2 * half]),
-                     silu_mul(acc[4 * j + 2 * half + 1], acc[4 * (j + 16) + 2 * half + 1]));
-            }
+          for (int j = 0; j < (SWIGLU ? 16 : 32); ++j) {
+            int const i = 4 * j + 2 * half;
+            float const v0 = SWIGLU ? silu_mul(acc[i], acc[i + 64]) : acc[i];
+            float const v1 = SWIGLU ? silu_mul(acc[i + 1], acc[i + 65]) : acc[i + 1];
+            *reinterpret_cast<__nv_bfloat162*>(srow + 2 * (8 * j + c)) = __floats2bfloat162_rn(v0, v1);
           }
-        } else {
+        }
+        fence_to_async();
+        warpgroup_sync(wg);
+        if (lane < 16) {  // warp w copies its 16 rows, one each
+          int const local = warp * 16 + lane;
+          int const row = (wg - 1) * 64 + local;
+          if (row < t.mrows) {
+            int const cols = min(SWIGLU ? bn / 2 : bn, N - t.n0);
+            bulk_store(out + (t.m0 + row) * static_cast<std::int64_t>(N) + t.n0, rows + static_cast<std::uint32_t>(local * pitch),
+                       static_cast<std::uint32_t>(cols) * 2u);
+          }
+          bulk_commit();
+        }
+      } else {
+        int const c = 2 * (lane & 3);
 #pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            int const col = t.n0 + 8 * j + c;
-            if (col < N) store2(orow + col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        for (int half = 0; half < 2; ++half) {
+          int const row = (wg - 1) * 64 + warp * 16 + (lane >> 2) + half * 8;
+          if (row >= t.mrows) continue;
+          OutT* const orow = out + (t.m0 + row) * static_cast<std::int64_t>(N);
+          if constexpr (SWIGLU) {
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              int const col = t.n0 + 8 * j + c;
+              if (col < N) {
+                store2(orow + col, silu_mul(acc[4 * j + 2 * half], acc[4 * (j + 16) + 2 * half]),
+                       silu_mul(acc[4 * j + 2 * half + 1], acc[4 * (j + 16) + 2 * half + 1]));
+              }
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+              int const col = t.n0 + 8 * j + c;
+              if (col < N) store2(orow + col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+            }
           }
         }
       }
     }
+    if (STAGED && (tid & 31) < 16) bulk_wait_all();  // shared memory stays until the copies are done
   }
 #else
   (void)a_map, (void)w0_maps, (void)w1_maps, (void)offsets, (void)G, (void)K, (void)N, (void)out, (void)sched, (void)bands_cap;
@@ -434,10 +505,10 @@ struct kernel_info {
   std::size_t max_dynamic;
 };
 
-template <bool SWIGLU, class OutT>
+template <bool SWIGLU, class OutT, bool STAGED>
 kernel_info const& info() {
   static kernel_info const k = [] {
-    auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT>;
+    auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT, STAGED>;
     kernel_info r{cudaSuccess, false, 0};
     cudaFuncAttributes a{};
     int dev = 0, optin = 0;
@@ -458,20 +529,59 @@ inline std::int64_t row_tiles_bound(int G, std::int64_t M_total) {
   return m_tiles < M_total ? m_tiles : M_total;
 }
 
+template <bool SWIGLU, class OutT, bool STAGED>
+bool fits(int G, std::int64_t M_total) {
+  kernel_info const& k = info<SWIGLU, OutT, STAGED>();
+  return k.err == cudaSuccess && k.real && smem_bytes<SWIGLU, STAGED>(G, max_bands(row_tiles_bound(G, M_total))) <= k.max_dynamic;
+}
+
 /// True when launch() below can run this problem on the current device (else the caller falls back).
 template <bool SWIGLU, class OutT>
 bool can_launch(int G, std::int64_t M_total) {
   if (hopper_sms() <= 0 || M_total > 0x7fffffffLL || !tensor_map_encoder()) return false;
-  kernel_info const& k = info<SWIGLU, OutT>();
-  return k.err == cudaSuccess && k.real && smem_bytes(G, max_bands(row_tiles_bound(G, M_total))) <= k.max_dynamic;
+  return fits<SWIGLU, OutT, false>(G, M_total);
 }
+
+/// The staged epilogue when it applies (bf16 out, rows of whole 16-byte units) and pays. It gives
+/// up a stage of the ring, which shapes with few rows a group (bound by streaming weights) lose more
+/// from than they gain; measured on an H100 (docs/benchmarks.md, issue 4), the down GEMM gained from
+/// 128 rows a group on average, gate_up (half as wide an epilogue, a longer k loop) only on grids of
+/// many tiles a multiprocessor.
+template <bool SWIGLU, class OutT>
+bool use_staged(int G, std::int64_t M_total, int N, OutT const* out) {
+  if (N % 8 != 0 || (reinterpret_cast<std::uintptr_t>(out) & 15u) != 0 || !fits<SWIGLU, OutT, true>(G, M_total)) return false;
+  if (M_total < staged_min_rows_per_group * static_cast<std::int64_t>(G)) return false;
+  if constexpr (SWIGLU) {
+    std::int64_t const n_tiles = (N + bn / 2 - 1) / (bn / 2);
+    return row_tiles_bound(G, M_total) * n_tiles >= staged_min_swiglu_tiles_per_sm * static_cast<std::int64_t>(hopper_sms());
+  }
+  return true;
+}
+
+template <bool SWIGLU, class OutT, bool STAGED>
+cudaError_t launch_kernel(CUtensorMap const& a_map, std::int64_t const* offsets, int G, std::int64_t m_tiles, CUtensorMap const* w0_maps,
+                          CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, unsigned grid, cudaStream_t stream) {
+  auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT, STAGED>;
+  if (cudaError_t const e = kernels::detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel),
+                                                                static_cast<int>(info<SWIGLU, OutT, STAGED>().max_dynamic));
+      e != cudaSuccess)
+    return e;
+  auto const bands = max_bands(m_tiles);
+  kernel<<<grid, threads, smem_bytes<SWIGLU, STAGED>(G, bands), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out, sched,
+                                                                          static_cast<int>(bands));
+  return cudaGetLastError();
+}
+
+/// Which epilogue launch() runs: its own choice (use_staged), or one forced (tests).
+enum class epilogue { automatic, direct, staged };
 
 /// Validated by the caller (grouped_gemm_detail::launch) and by can_launch. sched: the maps' two
 /// counters, zero between launches (each launch leaves them so); launches that share them must be
 /// ordered on one stream.
 template <bool SWIGLU, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, CUtensorMap const* w0_maps,
-                   CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, cudaStream_t stream) {
+                   CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, cudaStream_t stream,
+                   epilogue ep = epilogue::automatic) {
   CUtensorMap a_map;
   if (cudaError_t const e = encode_rows(a_map, a, static_cast<std::uint64_t>(M_total), static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(K));
       e != cudaSuccess) {
@@ -485,14 +595,15 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   int const sms = hopper_sms();
   auto const grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
   if (grid == 0) return cudaSuccess;
-  if (cudaError_t const e = kernels::detail::allow_dynamic_smem(reinterpret_cast<void const*>(grouped_wgmma_kernel<SWIGLU, OutT>),
-                                               static_cast<int>(info<SWIGLU, OutT>().max_dynamic));
-      e != cudaSuccess)
-    return e;
-  auto const bands = max_bands(m_tiles);
-  grouped_wgmma_kernel<SWIGLU, OutT><<<grid, threads, smem_bytes(G, bands), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out,
-                                                                                     sched, static_cast<int>(bands));
-  return cudaGetLastError();
+  if constexpr (sizeof(OutT) == 2) {
+    if (ep == epilogue::staged && (N % 8 != 0 || !fits<SWIGLU, OutT, true>(G, M_total))) return cudaErrorNotSupported;
+    if (ep == epilogue::staged || (ep == epilogue::automatic && use_staged<SWIGLU, OutT>(G, M_total, N, out))) {
+      return launch_kernel<SWIGLU, OutT, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream);
+    }
+  } else {
+    if (ep == epilogue::staged) return cudaErrorNotSupported;
+  }
+  return launch_kernel<SWIGLU, OutT, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream);
 }
 
 }  // namespace specmoe::kernels::wgmma_detail
