@@ -131,6 +131,49 @@ def graphed(fn):
         return None
 
 
+def _randomize(block, m):
+    """Random weights for every matrix of a block built straight from its config.
+
+    Such a block skips the library's weight initialisation: some of its parameters come from
+    torch.empty (DeepSeek-V3's router weight, the fused expert tensors of recent versions), so
+    they may be all zeros, and a router of zeros ties every expert and sends every token to the
+    same k experts, which measures a different (much smaller) computation. Same scales as params():
+    the router's rows 4/sqrt(hidden), the experts' 2/sqrt(fan-in); vectors (biases) left as built.
+    """
+    g = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() < 2:
+                continue
+            fan_in = p.shape[-1]
+            is_router = p.dim() == 2 and p.shape[0] == m["experts"] and fan_in == m["hidden"]
+            scale = (4 if is_router else 2) / fan_in ** 0.5
+            p.copy_(((torch.rand(p.shape, generator=g) * 2 - 1) * scale).to(p.dtype))
+
+
+def experts_touched(block, x, m):
+    """Distinct experts the block's own router picks for x (hooks on the block's gate module)."""
+    seen = []
+    gate = getattr(block, "gate", None) or getattr(block, "router", None)
+    if gate is None:
+        return None
+    h = gate.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            block(x)
+    finally:
+        h.remove()
+    if not seen:
+        return None
+    out = seen[0]
+    logits = out[0] if isinstance(out, tuple) else out
+    if not torch.is_floating_point(logits) or logits.shape[-1] != m["experts"]:  # the gate returned ids: use them
+        ids = logits
+    else:
+        ids = logits.float().view(-1, m["experts"]).topk(m["top_k"], dim=-1).indices
+    return int(torch.unique(ids).numel())
+
+
 def transformers_block(name, m, dev):
     """The transformers library's MoE block for `name`, or a reason it is unavailable."""
     try:
@@ -150,7 +193,9 @@ def transformers_block(name, m, dev):
             cfg = DeepseekV3Config(hidden_size=m["hidden"], moe_intermediate_size=m["ffn"], n_routed_experts=m["experts"],
                                    num_experts_per_tok=m["top_k"], n_group=m["groups"], topk_group=m["topk_groups"],
                                    n_shared_experts=m["shared"], routed_scaling_factor=m["scale"])
-        return Block(cfg).to(device=dev, dtype=torch.bfloat16).eval(), None
+        block = Block(cfg).to(device=dev, dtype=torch.bfloat16).eval()
+        _randomize(block, m)
+        return block, None
     except Exception as e:  # noqa: BLE001 - record why, keep going
         return None, f"{type(e).__name__}: {e}"[:200]
 
@@ -185,8 +230,9 @@ def main():
             try:
                 with torch.no_grad():
                     us = time_us(lambda: block(x), iters=5)
-                rows.append(dict(model=name, tokens=n, impl="transformers", us=us))
-                print(f"{name:14s} {n:5d} transformers     {us:10.1f} us", flush=True)
+                touched = experts_touched(block, x, m)
+                rows.append(dict(model=name, tokens=n, impl="transformers", us=us, experts_touched=touched))
+                print(f"{name:14s} {n:5d} transformers     {us:10.1f} us   experts touched {touched}", flush=True)
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(model=name, tokens=n, impl="transformers", us=None, note=f"{type(e).__name__}: {e}"[:200]))
         del block

@@ -354,6 +354,57 @@ TEST_CASE("permute and combine kernels equal host loops (self-identifying rows)"
   for (auto v : out2.to_host()) REQUIRE(reinterpret_cast<std::uint16_t const&>(v) == 0xffff);
 }
 
+TEST_CASE("gather kernel: every row width a lane loop can end at, wide strides, bf16 and fp32 rows, outputs poisoned",
+          "[kernels][permute]") {
+  std::mt19937_64 rng(12);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  // 8 elements a vector, 32 lanes, 8 vectors in flight a lane: widths below, at and past one
+  // round of 256 vectors, and one that ends mid-way through a round.
+  for (int H : {8, 256, 2048, 2056, 7168}) {
+    for (int k : {1, 8}) {
+      for (bool fp32 : {false, true}) {
+        INFO("H " << H << " k " << k << " fp32 " << fp32);
+        long long const n = 37, stride = H + 16, slots_n = n * k;
+        std::vector<std::int32_t> slots(static_cast<std::size_t>(slots_n));
+        for (std::size_t i = 0; i < slots.size(); ++i) slots[i] = static_cast<std::int32_t>(i);
+        std::shuffle(slots.begin(), slots.end(), rng);
+        long long const rows = slots_n - 5;  // the last 5 rows are past rows_end: untouched
+        std::vector<float> xf(static_cast<std::size_t>(n * stride));
+        for (auto& v : xf) v = u(rng);
+        device_vector<std::int32_t> dslots(slots);
+        device_vector<std::int64_t> end(std::vector<std::int64_t>{rows});
+        device_vector<__nv_bfloat16> xp(static_cast<std::size_t>(slots_n * H), 0xff);
+        if (fp32) {
+          device_vector<float> dx(xf);
+          SPECMOE_TEST_CUDA(kernels::launch_gather_rows(dx.data(), stride, H, dslots.data(), k, end.data(), slots_n, xp.data(), nullptr));
+          SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+        } else {
+          std::vector<__nv_bfloat16> xb(xf.size());
+          for (std::size_t i = 0; i < xf.size(); ++i) xb[i] = __float2bfloat16(xf[i]);
+          device_vector<__nv_bfloat16> dx(xb);
+          SPECMOE_TEST_CUDA(kernels::launch_gather_rows(dx.data(), stride, H, dslots.data(), k, end.data(), slots_n, xp.data(), nullptr));
+          SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+        }
+        auto const got = xp.to_host();
+        long long wrong = 0, touched = 0;
+        for (long long i = 0; i < slots_n; ++i) {
+          for (int c = 0; c < H; ++c) {
+            auto const bits = reinterpret_cast<std::uint16_t const&>(got[static_cast<std::size_t>(i * H + c)]);
+            if (i < rows) {
+              __nv_bfloat16 const want = __float2bfloat16(xf[static_cast<std::size_t>(slots[static_cast<std::size_t>(i)] / k * stride + c)]);
+              wrong += bits != reinterpret_cast<std::uint16_t const&>(want);
+            } else {
+              touched += bits != 0xffff;
+            }
+          }
+        }
+        REQUIRE(wrong == 0);
+        REQUIRE(touched == 0);
+      }
+    }
+  }
+}
+
 TEST_CASE("router logits kernel: a warp per expert equals the fp32 dot products, 1 to 8 tokens, outputs poisoned",
           "[kernels][router]") {
   std::mt19937_64 rng(11);
