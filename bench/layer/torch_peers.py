@@ -140,7 +140,7 @@ def _randomize(block, m):
     same k experts, which measures a different (much smaller) computation. Same scales as params():
     the router's rows 4/sqrt(hidden), the experts' 2/sqrt(fan-in); vectors (biases) left as built.
     """
-    g = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.Generator(device=next(block.parameters()).device).manual_seed(1)
     with torch.no_grad():
         for p in block.parameters():
             if p.dim() < 2:
@@ -148,7 +148,8 @@ def _randomize(block, m):
             fan_in = p.shape[-1]
             is_router = p.dim() == 2 and p.shape[0] == m["experts"] and fan_in == m["hidden"]
             scale = (4 if is_router else 2) / fan_in ** 0.5
-            p.copy_(((torch.rand(p.shape, generator=g) * 2 - 1) * scale).to(p.dtype))
+            for row in p.view(-1, *p.shape[-2:]):  # one matrix at a time: no fp32 copy of all experts at once
+                row.copy_(((torch.rand(row.shape, generator=g, device=p.device) * 2 - 1) * scale).to(p.dtype))
 
 
 def experts_touched(block, x, m):
@@ -193,7 +194,13 @@ def transformers_block(name, m, dev):
             cfg = DeepseekV3Config(hidden_size=m["hidden"], moe_intermediate_size=m["ffn"], n_routed_experts=m["experts"],
                                    num_experts_per_tok=m["top_k"], n_group=m["groups"], topk_group=m["topk_groups"],
                                    n_shared_experts=m["shared"], routed_scaling_factor=m["scale"])
-        block = Block(cfg).to(device=dev, dtype=torch.bfloat16).eval()
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # built on the GPU in bf16: no host copy of every expert
+        try:
+            with torch.device(dev):
+                block = Block(cfg).eval()
+        finally:
+            torch.set_default_dtype(prev)
         _randomize(block, m)
         return block, None
     except Exception as e:  # noqa: BLE001 - record why, keep going
@@ -219,6 +226,7 @@ def main():
             torch.cuda.empty_cache()
         del p
         torch.cuda.empty_cache()
+        save(out_path, rows)
         if os.environ.get("SPECMOE_PEERS_SKIP_TRANSFORMERS"):
             continue
         block, why = transformers_block(name, m, dev)
@@ -237,6 +245,11 @@ def main():
                 rows.append(dict(model=name, tokens=n, impl="transformers", us=None, note=f"{type(e).__name__}: {e}"[:200]))
         del block
         torch.cuda.empty_cache()
+        save(out_path, rows)  # after each model: a run cut short keeps what it measured
+    save(out_path, rows)
+
+
+def save(out_path, rows):
     with open(out_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                    "torch": torch.__version__, "rows": rows}, f, indent=1)
