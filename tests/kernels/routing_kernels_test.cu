@@ -358,8 +358,8 @@ TEST_CASE("gather kernel: every row width a lane loop can end at, wide strides, 
           "[kernels][permute]") {
   std::mt19937_64 rng(12);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  // 8 elements a vector, 32 lanes, 8 vectors in flight a lane: widths below, at and past one
-  // round of 256 vectors, and one that ends mid-way through a round.
+  // 8 elements a vector, a warp 256 vectors of a row (the grid's y takes the rest): widths below,
+  // at and one vector past one warp's share, and one that ends mid-way through a warp's share.
   for (int H : {8, 256, 2048, 2056, 7168}) {
     for (int k : {1, 8}) {
       for (bool fp32 : {false, true}) {

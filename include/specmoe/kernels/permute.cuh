@@ -27,14 +27,17 @@ __device__ __forceinline__ uint4 load8_as_bf16(float const* p) {
 
 /// Rows one gather block copies: a warp a row.
 inline constexpr int gather_rows_per_block = 8;
-/// 16-byte vectors a lane keeps in flight before it stores them.
-inline constexpr int gather_vecs_in_flight = 8;
+/// 16-byte vectors a lane loads before it stores them: a warp copies up to 32 x 8 vectors of a row
+/// in one round trip, and wider rows take more warps (the grid's y dimension), not more rounds.
+inline constexpr int gather_vecs_per_lane = 8;
+inline constexpr int gather_vecs_per_warp = 32 * gather_vecs_per_lane;
 
 /// xp[i] = bf16(x[sorted_slots[i] / top_k]) for rows i < rows_end[0]; rows of `hidden` elements,
-/// hidden % 8 == 0, x bf16 or fp32. A warp a row: the slot is loaded once a row (beside rows_end:
-/// one latency, not two), and each lane issues up to 8 loads before its first store, so a row's
-/// bytes are in flight together (one 16-byte vector a thread, with 64-bit index math, ran at about
-/// half the copy bandwidth at 65536 rows).
+/// hidden % 8 == 0, x bf16 or fp32. A warp copies vectors [256 y, 256 y + 256) of one row (y =
+/// blockIdx.y): the slot is loaded once a row (beside rows_end: one latency, not two), and every
+/// load of a lane is issued before its first store. (One 16-byte vector a thread over all
+/// max_rows rows ran at about half the copy bandwidth at 65536 rows, and an engine rank's gather,
+/// whose rows_end is a small part of max_rows, paid for blocks that found no row.)
 template <class T>
 static __global__ void __launch_bounds__(gather_rows_per_block * 32)
     gather_rows_kernel(T const* __restrict__ x, long long x_stride, int hidden, std::int32_t const* __restrict__ sorted_slots,
@@ -43,22 +46,20 @@ static __global__ void __launch_bounds__(gather_rows_per_block * 32)
   if (row >= max_rows) return;
   std::int32_t const slot = sorted_slots[row];
   if (row >= *rows_end) return;
-  int const lane = static_cast<int>(threadIdx.x & 31u), vecs = hidden / 8;
+  int const vecs = hidden / 8;
+  int const v0 = static_cast<int>(blockIdx.y) * gather_vecs_per_warp + static_cast<int>(threadIdx.x & 31u);
   T const* const src = x + static_cast<long long>(slot / top_k) * x_stride;
   uint4* const dst = reinterpret_cast<uint4*>(xp + row * hidden);
-  constexpr int step = 32 * gather_vecs_in_flight;
-  for (int v0 = 0; v0 < vecs; v0 += step) {
-    uint4 r[gather_vecs_in_flight];
+  uint4 r[gather_vecs_per_lane];
 #pragma unroll
-    for (int j = 0; j < gather_vecs_in_flight; ++j) {
-      int const v = v0 + j * 32 + lane;
-      if (v < vecs) r[j] = detail::load8_as_bf16(src + v * 8);
-    }
+  for (int j = 0; j < gather_vecs_per_lane; ++j) {
+    int const v = v0 + 32 * j;
+    if (v < vecs) r[j] = detail::load8_as_bf16(src + v * 8);
+  }
 #pragma unroll
-    for (int j = 0; j < gather_vecs_in_flight; ++j) {
-      int const v = v0 + j * 32 + lane;
-      if (v < vecs) dst[v] = r[j];
-    }
+  for (int j = 0; j < gather_vecs_per_lane; ++j) {
+    int const v = v0 + 32 * j;
+    if (v < vecs) dst[v] = r[j];
   }
 }
 
@@ -67,9 +68,9 @@ inline cudaError_t launch_gather_rows(T const* x, long long x_stride, int hidden
                                       std::int64_t const* rows_end, long long max_rows, __nv_bfloat16* xp, cudaStream_t stream) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, float>, "gather takes bf16 or fp32 rows");
   if (max_rows == 0) return cudaSuccess;
-  auto const blocks = static_cast<unsigned>((max_rows + gather_rows_per_block - 1) / gather_rows_per_block);
-  gather_rows_kernel<T><<<blocks, gather_rows_per_block * 32, 0, stream>>>(x, x_stride, hidden, sorted_slots, top_k, rows_end,
-                                                                             max_rows, xp);
+  dim3 const grid(static_cast<unsigned>((max_rows + gather_rows_per_block - 1) / gather_rows_per_block),
+                  static_cast<unsigned>((hidden / 8 + gather_vecs_per_warp - 1) / gather_vecs_per_warp));
+  gather_rows_kernel<T><<<grid, gather_rows_per_block * 32, 0, stream>>>(x, x_stride, hidden, sorted_slots, top_k, rows_end, max_rows, xp);
   return cudaGetLastError();
 }
 
