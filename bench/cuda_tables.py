@@ -26,23 +26,26 @@ def layer_table(d, extra):
         if os.path.exists(p):
             for r in load(p)["rows"]:
                 if r.get("us") is not None:
-                    peers.setdefault((r["model"], r["tokens"], r["impl"]), r["us"])
-    print("| model | tokens | rows | ours (µs) | floor (µs) | × floor | torch grouped_mm, graph (µs) | × ours | "
-          "torch grouped_mm, eager (µs) | transformers block, eager (µs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+                    peers.setdefault((r["model"], r["tokens"], r["impl"]), r)
+    print("| model | tokens | rows | ours (µs) | stddev | floor (µs) | × floor | torch grouped_mm, graph (µs) | torch / ours | "
+          "torch grouped_mm, eager (µs) | transformers block, eager (µs) | experts its router touched |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = layer["benchmarks"]
+    stddev = {}
     if any(b.get("run_type") == "aggregate" for b in rows):  # --benchmark_repetitions: the medians
+        stddev = {b["run_name"]: b["real_time"] for b in rows if b.get("aggregate_name") == "stddev"}
         rows = [b for b in rows if b.get("aggregate_name") == "median"]
     for b in rows:
         name, tokens = b["name"].split("/")[:2]
         tokens = int(tokens)
         us = b["real_time"]
-        g = peers.get((name, tokens, "torch_grouped_mm_graph"))
-        e = peers.get((name, tokens, "torch_grouped_mm"))
-        t = peers.get((name, tokens, "transformers"))
+        g = peers.get((name, tokens, "torch_grouped_mm_graph"), {}).get("us")
+        e = peers.get((name, tokens, "torch_grouped_mm"), {}).get("us")
+        t = peers.get((name, tokens, "transformers"), {})
         fmt = lambda v: f"{v:.1f}" if v is not None else "—"
-        print(f"| {name} | {tokens} | {int(b['rows'])} | {us:.1f} | {b['floor_us']:.1f} | {us / b['floor_us']:.2f} | {fmt(g)} | "
-              f"{(g / us if g else float('nan')):.2f} | {fmt(e)} | {fmt(t)} |")
+        sd = stddev.get(b.get("run_name"))
+        print(f"| {name} | {tokens} | {int(b['rows'])} | {us:.1f} | {fmt(sd)} | {b['floor_us']:.1f} | {us / b['floor_us']:.2f} | "
+              f"{fmt(g)} | {(g / us if g else float('nan')):.2f} | {fmt(e)} | {fmt(t.get('us'))} | {t.get('experts_touched', '—')} |")
 
 
 def routing_table(d):
