@@ -17,7 +17,9 @@
 //   floor = the activated experts' three matrices / HBM BW.
 // Counters: TFLOPs, weight_GBps (bytes of the activated experts' weights / time), floor_ratio =
 //   time / max(bytes / measured HBM BW, flops / measured cuBLAS GEMM rate) where bytes = activated
-//   weights + activations in + out; vs_cublas = time / the cublas row's time (same run).
+//   weights + activations in + out; vs_cublas = time / the cublas row's time (same run);
+//   tile_rows = rows the 128-row tiles span (padding included), short_last_tiles = groups whose
+//   last row tile has at most 64 rows (half of it or more is padding).
 // The ceilings are measured at start (bench/gpu_bench_support.cuh, medians of 7): a 1 GiB cudaMemcpy D2D (read + write bytes) and one
 // 8192^3 bf16 cublasGemmEx on random data. L2 is flushed (256 MiB memset) before each timed launch.
 #include "gpu_bench_support.cuh"
@@ -264,6 +266,13 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
   state.counters["floor_us"] = floor_s * 1e6;
   state.counters["floor_ratio"] = mean_s / floor_s;
   state.counters["rows"] = rows;
+  double tile_rows = 0, short_last = 0;  // rows the 128-row tiles span; groups whose last tile has <= 64 rows
+  for (auto const n : c.counts) {
+    tile_rows += static_cast<double>((n + 127) / 128 * 128);
+    short_last += n % 128 != 0 && n % 128 <= 64 ? 1 : 0;
+  }
+  state.counters["tile_rows"] = tile_rows;
+  state.counters["short_last_tiles"] = short_last;
   state.counters["experts"] = c.active;
   std::string const key = std::string(s.name) + (gate_up ? "/gate_up/" : "/down/") + std::to_string(tokens);
   if (which == impl::cublas) {

@@ -3,7 +3,8 @@
 //
 //   specmoe_kernels_routing_kernels_bench --benchmark_out=routing.json --benchmark_out_format=json
 //
-// Rows: <kernel>/<shape>/<tokens> (layout: layout_single_block / layout_device_sort; gate: the
+// Rows: <kernel>/<shape>/<tokens> (layout: the automatic choice, layout_single_block /
+//   layout_counting / layout_device_sort: each layout path forced; gate: the
 //   automatic choice, gate_warp / gate_block: each gate kernel forced).
 //   shape: mixtral (8 experts, top-2, H 4096), qwen3 (128, top-8, H 2048), dsv3 (256, grouped
 //   sigmoid top-8, H 7168).
@@ -211,8 +212,9 @@ void launch_cost(benchmark::State& state, node_kind kind) {
 void layout(benchmark::State& state, int which, kernels::layout_path path) {
   fixture f(which, state.range(0));
   auto const slots = static_cast<double>(f.n) * f.cfg.top_k;
-  if (path == kernels::layout_path::single_block && slots > kernels::layout_single_block_max_slots) {
-    state.SkipWithError("more slots than the single-block path takes");
+  if ((path == kernels::layout_path::single_block && slots > kernels::layout_single_block_max_slots) ||
+      (path == kernels::layout_path::counting && !kernels::layout_counting_fits(f.n * f.cfg.top_k, f.cfg.num_experts))) {
+    state.SkipWithError("more slots than the single-block path takes, or too few for the counting path");
     for (auto _ : state) {
     }
     return;
@@ -286,7 +288,9 @@ void register_all() {
     add("gate", [w](benchmark::State& s) { gate(s, w, kernels::gate_path::automatic); });
     add("gate_warp", [w](benchmark::State& s) { gate(s, w, kernels::gate_path::warp_per_token); });
     add("gate_block", [w](benchmark::State& s) { gate(s, w, kernels::gate_path::block_per_token); });
+    add("layout", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::automatic); });
     add("layout_single_block", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::single_block); });
+    add("layout_counting", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::counting); });
     add("layout_device_sort", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::device_sort); });
     add("gather", [w](benchmark::State& s) { gather(s, w); });
     add("combine", [w](benchmark::State& s) { combine(s, w); });

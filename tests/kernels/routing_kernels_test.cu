@@ -202,7 +202,7 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
   std::mt19937_64 rng(3);
   for (int E : {8, 64, 256}) {
     for (int k : {1, 2, 8}) {
-      for (long long n : {1ll, 17ll, 4096ll, 16384ll}) {
+      for (long long n : {1ll, 17ll, 1000ll, 1500ll, 4096ll, 16384ll}) {
         if (k > E) continue;
         std::vector<std::int32_t> ids(static_cast<std::size_t>(n * k));
         std::vector<std::int32_t> experts(static_cast<std::size_t>(E));
@@ -221,8 +221,10 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
           }
         }
         long long const slots = n * k;
-        for (auto const path : {kernels::layout_path::automatic, kernels::layout_path::single_block, kernels::layout_path::device_sort}) {
+        for (auto const path : {kernels::layout_path::automatic, kernels::layout_path::single_block, kernels::layout_path::device_sort,
+                                kernels::layout_path::counting}) {
         if (path == kernels::layout_path::single_block && slots > kernels::layout_single_block_max_slots) continue;
+        if (path == kernels::layout_path::counting && !kernels::layout_counting_fits(slots, E)) continue;
         device_vector<std::int32_t> d_ids(ids), keys_in(static_cast<std::size_t>(slots), 0xff),
             keys_out(static_cast<std::size_t>(slots), 0xff), vals_in(static_cast<std::size_t>(slots), 0xff),
             sorted(static_cast<std::size_t>(slots), 0xff), position(static_cast<std::size_t>(slots), 0xff);
@@ -235,6 +237,13 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
         SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, n, k, E, b, new_status(status), nullptr, path));
         SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
         REQUIRE(status.to_host()[0].bits == 0);
+        if (path == kernels::layout_path::counting) {  // a second run over the scratch of the first, outputs poisoned
+          SPECMOE_TEST_CUDA(cudaMemset(sorted.data(), 0xff, sizeof(std::int32_t) * static_cast<std::size_t>(slots)));
+          SPECMOE_TEST_CUDA(cudaMemset(position.data(), 0xff, sizeof(std::int32_t) * static_cast<std::size_t>(slots)));
+          SPECMOE_TEST_CUDA(cudaMemset(offsets.data(), 0xff, sizeof(std::int64_t) * static_cast<std::size_t>(E + 1)));
+          SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, n, k, E, b, new_status(status), nullptr, path));
+          SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
+        }
         // Host: counting sort, stable.
         std::vector<std::int64_t> expect_offsets(static_cast<std::size_t>(E + 1), 0);
         for (auto e : ids) if (e >= 0) ++expect_offsets[static_cast<std::size_t>(e + 1)];
@@ -262,18 +271,28 @@ TEST_CASE("layout kernels: stable expert-major order, offsets and inverse positi
 }
 
 TEST_CASE("layout kernels: an id out of range or an expert twice in a token is flagged with its token", "[kernels][layout]") {
-  // 4 tokens, top-2, E = 8: token 2 names expert 9; token 3 names expert 0 twice.
-  std::vector<std::int32_t> const bad_id{0, 1, 2, 3, 9, 1, 2, 0};
-  std::vector<std::int32_t> const twice{0, 1, 2, 3, 4, 1, 0, 0};
-  for (auto const path : {kernels::layout_path::single_block, kernels::layout_path::device_sort}) {
+  // 300 tokens, top-2, E = 8 (600 slots: two chunks of the counting path); token 2 names expert 9,
+  // or token 3 names expert 0 twice; every other token is valid.
+  int const n = 300, k = 2, E = 8;
+  std::vector<std::int32_t> valid(static_cast<std::size_t>(n * k));
+  for (int t = 0; t < n; ++t) {
+    valid[static_cast<std::size_t>(t * k)] = t % E;
+    valid[static_cast<std::size_t>(t * k + 1)] = (t + 3) % E;
+  }
+  auto bad_id = valid, twice = valid;
+  bad_id[2 * k] = 9;
+  twice[3 * k] = 0;
+  twice[3 * k + 1] = 0;
+  for (auto const path : {kernels::layout_path::single_block, kernels::layout_path::device_sort, kernels::layout_path::counting}) {
     for (auto const* ids : {&bad_id, &twice}) {
-      device_vector<std::int32_t> d_ids(*ids), a(8, 0), b2(8, 0), c(8, 0), d(8, 0), e(8, 0);
-      device_vector<std::int64_t> offsets(9, 0);
-      auto const bytes = kernels::layout_sort_temp_bytes(8, 8);
+      std::size_t const slots = ids->size();
+      device_vector<std::int32_t> d_ids(*ids), a(slots, 0), b2(slots, 0), c(slots, 0), d(slots, 0), e(slots, 0);
+      device_vector<std::int64_t> offsets(E + 1, 0);
+      auto const bytes = kernels::layout_sort_temp_bytes(static_cast<long long>(slots), E);
       device_vector<unsigned char> temp(bytes, 0);
       device_vector<kernels::device_status> status(1, 0);
       kernels::layout_buffers b{a.data(), b2.data(), c.data(), d.data(), e.data(), offsets.data(), temp.data(), bytes};
-      SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, 4, 2, 8, b, new_status(status), nullptr, path));
+      SPECMOE_TEST_CUDA(kernels::launch_layout(d_ids.data(), nullptr, n, k, E, b, new_status(status), nullptr, path));
       SPECMOE_TEST_CUDA(cudaDeviceSynchronize());
       auto const s = status.to_host()[0];
       INFO("path=" << static_cast<int>(path));

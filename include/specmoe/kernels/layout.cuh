@@ -1,18 +1,22 @@
 // specmoe/kernels/layout.cuh: routing -> expert-major order (stable), per-expert offsets, and the
 // inverse map the combine uses. Deterministic: a stable radix sort keyed by expert id.
 //
-// Two paths with identical results, chosen by slot count (tokens x top_k), measured in
+// Three paths with identical results, chosen by slot count (tokens x top_k), measured in
 // bench/kernels/routing_kernels_bench.cu:
 //   single_block: one launch; a block-wide radix sort in shared memory writes the order, the
 //                 offsets and the inverse map directly (decode and small prefill: up to 8192 slots;
 //                 up to 64 slots a rank count replaces the sort: one pass, no radix passes).
+//   counting:     two launches, any size: each block keys and counts a chunk of slots; then each
+//                 block sorts its chunk in shared memory and places it after the chunks before it
+//                 (a counting sort across blocks, a radix sort inside one).
 //   device_sort:  keys kernel + cub::DeviceRadixSort + offsets + inverse (any size).
-// Both check every slot: ids outside [-1, E), an expert twice in one token, non-finite weights.
+// All check every slot: ids outside [-1, E), an expert twice in one token, non-finite weights.
 #pragma once
 
 #include <specmoe/kernels/gate.cuh>
 
 #include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime.h>
 
@@ -66,13 +70,14 @@ __device__ inline int staged_slot_key(int const* staged, int s, int top_k, int n
 }  // namespace detail
 
 /// Which layout kernel runs: `automatic` picks by slot count; the others force one (tests, benches).
-enum class layout_path { automatic, single_block, device_sort };
+enum class layout_path { automatic, single_block, device_sort, counting };
 
 /// Most slots the single-block path sorts (1024 threads x 8 keys).
 inline constexpr long long layout_single_block_max_slots = 8192;
-/// Where `automatic` switches to the device sort: up to here one block is as fast or faster
-/// (H100, docs/benchmarks.md); beyond, the 1024-thread block is no faster than CUB's sort.
-inline constexpr long long layout_automatic_single_block_slots = 2048;
+/// Where `automatic` leaves the single block for the counting path (or the device sort where the
+/// counting path does not fit): up to here one block is as fast or faster (H100, docs/benchmarks.md:
+/// 256 slots 4.5 against 5.2 us; from 1024 slots the counting path wins, 7.0 against 9.3).
+inline constexpr long long layout_automatic_single_block_slots = 512;
 
 /// keys[s] = slot_key(s), vals[s] = s.
 static __global__ void routing_keys_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights,
@@ -164,6 +169,103 @@ static __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// counting path: chunks of THREADS x ITEMS slots, one block each
+// ------------------------------------------------------------------------------------------
+
+/// Pass 1: keys[s] = slot_key(s) (every check), and counts[b * (E + 1) + key] = slots of chunk b
+/// with that key (key E: empty or flagged).
+template <int THREADS, int ITEMS>
+static __global__ void __launch_bounds__(THREADS)
+    layout_count_kernel(std::int32_t const* __restrict__ ids, float const* __restrict__ weights, long long slots, int top_k,
+                        int num_experts, std::int32_t* __restrict__ keys, std::int32_t* __restrict__ counts,
+                        device_status* status) {
+  extern __shared__ int chunk_histogram[];  // [E + 1]
+  int const bins = num_experts + 1;
+  for (int e = static_cast<int>(threadIdx.x); e < bins; e += THREADS) chunk_histogram[e] = 0;
+  __syncthreads();
+  long long const first = static_cast<long long>(blockIdx.x) * THREADS * ITEMS;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    long long const s = first + i * THREADS + threadIdx.x;  // striped: coalesced loads and stores
+    if (s < slots) {
+      int const key = detail::slot_key(ids, weights, s, top_k, num_experts, status);
+      keys[s] = key;
+      atomicAdd(&chunk_histogram[key], 1);
+    }
+  }
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e < bins; e += THREADS) {
+    counts[static_cast<long long>(blockIdx.x) * bins + e] = chunk_histogram[e];
+  }
+}
+
+/// Pass 2: block b finds, for every key, where its chunk's rows of that key start in expert-major
+/// order (the key's offset + the same key's rows in chunks before b), sorts its chunk (stable, in
+/// shared memory), and writes each row's slot and inverse. Block 0 also writes the offsets.
+template <int THREADS, int ITEMS>
+static __global__ void __launch_bounds__(THREADS)
+    layout_place_kernel(std::int32_t const* __restrict__ keys, long long slots, int num_experts, int key_bits,
+                        std::int32_t const* __restrict__ counts, int chunks, std::int32_t* __restrict__ sorted_slots,
+                        std::int32_t* __restrict__ position, std::int64_t* __restrict__ offsets) {
+  using sort_t = cub::BlockRadixSort<int, THREADS, ITEMS, int>;
+  using scan_t = cub::BlockScan<int, THREADS>;
+  __shared__ union {
+    typename sort_t::TempStorage sort;
+    typename scan_t::TempStorage scan[2];
+  } tmp;
+  extern __shared__ int row_base[];  // [E + 1]: sorted chunk position p of key e goes to row_base[e] + p
+  int const bins = num_experts + 1;
+  int const chunk = static_cast<int>(blockIdx.x);
+  int offset_carry = 0, chunk_carry = 0;
+  for (int base = 0; base < bins; base += THREADS) {
+    int const e = base + static_cast<int>(threadIdx.x);
+    int total = 0, before = 0, mine = 0;
+    if (e < bins) {
+      for (int c = 0; c < chunks; ++c) {
+        int const n = counts[static_cast<long long>(c) * bins + e];
+        total += n;
+        if (c < chunk) before += n;
+        if (c == chunk) mine = n;
+      }
+    }
+    int offset_excl = 0, offset_sum = 0, chunk_excl = 0, chunk_sum = 0;
+    scan_t(tmp.scan[0]).ExclusiveSum(total, offset_excl, offset_sum);
+    scan_t(tmp.scan[1]).ExclusiveSum(mine, chunk_excl, chunk_sum);
+    if (e < bins) {
+      int const offset = offset_carry + offset_excl;
+      row_base[e] = offset + before - (chunk_carry + chunk_excl);
+      if (chunk == 0) offsets[e] = offset;
+    }
+    offset_carry += offset_sum;
+    chunk_carry += chunk_sum;
+    __syncthreads();  // the scans' storage is reused
+  }
+  long long const first = static_cast<long long>(chunk) * THREADS * ITEMS;
+  int key[ITEMS], slot[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    long long const s = first + static_cast<long long>(threadIdx.x) * ITEMS + i;  // blocked: the sort's order
+    key[i] = s < slots ? keys[s] : bins;  // padding sorts after every real key
+    slot[i] = static_cast<int>(s);
+  }
+  sort_t(tmp.sort).Sort(key, slot, 0, key_bits);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (key[i] < bins) {
+      int const row = row_base[key[i]] + static_cast<int>(threadIdx.x) * ITEMS + i;
+      sorted_slots[row] = slot[i];
+      position[slot[i]] = key[i] < num_experts ? row : -1;
+    }
+  }
+}
+
+/// Threads of the counting path's blocks, and the slots a block takes: 512 up to
+/// layout_counting_small_chunk_slots slots (more, shorter sorts), 2048 beyond (fewer chunks for
+/// every block to sum over).
+inline constexpr int layout_counting_threads = 256;
+inline constexpr long long layout_counting_small_chunk_slots = 8192;
+
 namespace detail {
 /// The whole layout for a handful of slots (decode), for the whole block (blockDim.x >= slots,
 /// slots <= THREADS): no radix sort, each slot's sorted position is the count of slots ordered
@@ -210,7 +312,8 @@ static __global__ void __launch_bounds__(THREADS)
 inline constexpr long long layout_tiny_max_slots = 64;
 
 /// Device buffers of the layout step, for up to `max_slots` slots (tokens x top_k). The first
-/// three and `sort_temp` are the device_sort path's scratch.
+/// three and `sort_temp` are the device_sort path's scratch; the counting path keeps its keys in
+/// keys_in and its per-chunk counts in keys_out.
 struct layout_buffers {
   std::int32_t* keys_in = nullptr;
   std::int32_t* keys_out = nullptr;
@@ -232,6 +335,32 @@ inline std::size_t layout_sort_temp_bytes(long long max_slots, int num_experts) 
   return bytes;
 }
 
+/// Whether the counting path can take `slots`: the per-chunk counts live in keys_out (`slots`
+/// entries) and a histogram of E + 1 ints in shared memory (at most 32 KiB, under the default limit).
+inline bool layout_counting_fits(long long slots, int num_experts) {
+  long long const chunk = slots <= layout_counting_small_chunk_slots ? layout_counting_threads * 2 : layout_counting_threads * 8;
+  long long const chunks = (slots + chunk - 1) / chunk;
+  return chunks * (num_experts + 1) <= slots && num_experts + 1 <= 8192 && slots < (1ll << 31);
+}
+
+namespace detail {
+template <int ITEMS>
+inline cudaError_t launch_counting_layout(std::int32_t const* ids, float const* weights, long long slots, int top_k,
+                                          int num_experts, layout_buffers const& b, device_status* status, cudaStream_t stream) {
+  constexpr int threads = layout_counting_threads;
+  long long const chunks = (slots + threads * ITEMS - 1) / (threads * ITEMS);
+  int const bins = num_experts + 1;
+  std::size_t const smem = sizeof(int) * static_cast<std::size_t>(bins);
+  layout_count_kernel<threads, ITEMS><<<static_cast<unsigned>(chunks), threads, smem, stream>>>(
+      ids, weights, slots, top_k, num_experts, b.keys_in, b.keys_out, status);
+  layout_place_kernel<threads, ITEMS><<<static_cast<unsigned>(chunks), threads, smem, stream>>>(
+      b.keys_in, slots, num_experts, bits_for(bins), b.keys_out, static_cast<int>(chunks), b.sorted_slots, b.position,
+      b.offsets);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+
 /// Routing of n tokens -> expert-major layout in `b`. No host synchronisation.
 inline cudaError_t launch_layout(std::int32_t const* ids, float const* weights, long long n, int top_k, int num_experts,
                                  layout_buffers const& b, device_status* status, cudaStream_t stream,
@@ -241,7 +370,15 @@ inline cudaError_t launch_layout(std::int32_t const* ids, float const* weights, 
     return cudaMemsetAsync(b.offsets, 0, sizeof(std::int64_t) * static_cast<std::size_t>(num_experts + 1), stream);
   }
   if (path == layout_path::automatic) {
-    path = slots <= layout_automatic_single_block_slots ? layout_path::single_block : layout_path::device_sort;
+    path = slots <= layout_automatic_single_block_slots  ? layout_path::single_block
+           : layout_counting_fits(slots, num_experts) ? layout_path::counting
+                                                              : layout_path::device_sort;
+  }
+  if (path == layout_path::counting) {
+    if (!layout_counting_fits(slots, num_experts)) return cudaErrorInvalidValue;
+    return slots <= layout_counting_small_chunk_slots
+               ? detail::launch_counting_layout<2>(ids, weights, slots, top_k, num_experts, b, status, stream)
+               : detail::launch_counting_layout<8>(ids, weights, slots, top_k, num_experts, b, status, stream);
   }
   if (path == layout_path::single_block) {
     if (slots > layout_single_block_max_slots) return cudaErrorInvalidValue;
