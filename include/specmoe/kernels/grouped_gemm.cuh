@@ -565,16 +565,29 @@ __global__ void __launch_bounds__(threads, 2)
 // ------------------------------------------------------------------------------------------
 inline bool aligned16(void const* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
+/// Few rows a group: the wgmma path from this many tiles a multiprocessor (see choose).
+inline constexpr std::int64_t wgmma_min_tiles_per_sm_for_few_rows = 4;
+
 /// The automatic choice: the stream path while groups hold few rows on average. Measured on an
 /// H100 (docs/benchmarks.md, issue 4): gate_up (two matrices streamed per warp) stays ahead of
 /// the mma path up to ~4 rows a group, down (one matrix, less in flight) only up to ~2. The wgmma
 /// path, where it can run (maps given, sm_90 device, sm_90a build), beat mma on every measured
-/// shape from 16 tokens up and ties or beats stream from ~2 rows a group.
-inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total, int nmat, bool wgmma_ok) {
+/// shape from 16 tokens up and ties or beats stream from ~2 rows a group; with fewer rows it also
+/// beats stream once the groups give it tiles enough to fill the GPU several times over
+/// (Qwen3-30B-A3B and DeepSeek-V3 at 16 tokens, one row a group: 4-7% faster), not below (one
+/// token: a few tiles, most multiprocessors idle).
+inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total, int N, int nmat, bool wgmma_ok) {
   if (p != grouped_gemm_path::automatic) return p;
   std::int64_t const active = M_total < G ? M_total : G;  // at most this many non-empty groups
   std::int64_t const rows_per_group = nmat == 2 && !wgmma_ok ? 4 : 2;
-  if (M_total <= rows_per_group * active) return grouped_gemm_path::stream;
+  if (M_total <= rows_per_group * active) {
+    if (wgmma_ok) {
+      std::int64_t const out_per_tile = nmat == 2 ? wgmma_detail::bn / 2 : wgmma_detail::bn;
+      std::int64_t const tiles = active * ((N + out_per_tile - 1) / out_per_tile);
+      if (tiles >= wgmma_min_tiles_per_sm_for_few_rows * wgmma_detail::hopper_sms()) return grouped_gemm_path::wgmma;
+    }
+    return grouped_gemm_path::stream;
+  }
   return wgmma_ok ? grouped_gemm_path::wgmma : grouped_gemm_path::mma;
 }
 
@@ -591,7 +604,7 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   if (M_total == 0) return cudaSuccess;
   constexpr bool swiglu = NMAT == 2;
   bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
-  grouped_gemm_path const chosen = choose(path, G, M_total, NMAT, wgmma_ok);
+  grouped_gemm_path const chosen = choose(path, G, M_total, N, NMAT, wgmma_ok);
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
