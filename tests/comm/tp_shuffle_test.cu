@@ -242,6 +242,12 @@ void require_matches_reference(tp_run const& g, moe_weights<bf16> const& host, s
   std::vector<bf16> want(x.size());
   dense_reference<bf16>(g.cfg, host, matrix_view<bf16 const>(x.data(), g.tokens, H), matrix_view<bf16>(want.data(), g.tokens, H),
                         g.given->view());
+  // every rank's error, not only the first failing one's: a peer's report names the rank, the
+  // rank's own names the cause
+  std::string all_errors;
+  for (std::size_t r = 0; r < got.size(); ++r)
+    if (got[r].error) all_errors += "\n  rank " + std::to_string(r) + ": " + error_text(got[r].error);
+  INFO("errors:" << (all_errors.empty() ? std::string(" none") : all_errors));
   for (std::size_t r = 0; r < got.size(); ++r) {
     INFO("rank " << r << ": " << error_text(got[r].error));
     REQUIRE(!got[r].error);
