@@ -224,7 +224,7 @@ __device__ __forceinline__ bf16 const* a_row(bf16 const* a, std::int32_t const* 
   return a + r * static_cast<std::int64_t>(K);
 }
 
-template <int NMAT, int R, class OutT>
+template <int NMAT, int R, class OutT, int UNROLL = 2>
 __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int32_t const* slots, int top_k, std::int64_t m0, int rows,
                                             bf16 const* const (&wrow)[stream_rpw][NMAT], bool const (&nvalid)[stream_rpw], int n_first,
                                             int K, OutT* __restrict__ out, std::int64_t ldo) {
@@ -241,7 +241,7 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
 #pragma unroll
   for (int r = 0; r < R; ++r) xrow[r] = a_row(a, slots, top_k, m0 + (r < rows ? r : 0), K);
 
-#pragma unroll 2
+#pragma unroll UNROLL
   for (int k = lane * 8; k < K; k += 256) {
     uint4 wv[stream_rpw][NMAT];
 #pragma unroll
@@ -295,7 +295,7 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
 
 /// Rows mb .. me-1 of one group in chunks of up to CH (1 or 8) rows: each chunk streams the warp's
 /// weight rows once.
-template <int NMAT, int CH, class OutT>
+template <int NMAT, int CH, class OutT, int UNROLL = 2>
 __device__ __forceinline__ void stream_group(bf16 const* __restrict__ a, std::int32_t const* slots, int top_k, std::int64_t mb,
                                              std::int64_t me, bf16 const* const (&wrow)[stream_rpw][NMAT],
                                              bool const (&nvalid)[stream_rpw], int n_first, int K, OutT* __restrict__ out,
@@ -304,14 +304,14 @@ __device__ __forceinline__ void stream_group(bf16 const* __restrict__ a, std::in
   for (std::int64_t m0 = mb; m0 < me; m0 += CH) {
     int const rows = static_cast<int>(me - m0 < CH ? me - m0 : CH);
     if (CH == 1 || rows == 1) {
-      stream_rows<NMAT, 1>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+      stream_rows<NMAT, 1, OutT, UNROLL>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
     } else if constexpr (CH == 8) {
       if (rows == 2) {
-        stream_rows<NMAT, 2>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+        stream_rows<NMAT, 2, OutT, UNROLL>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
       } else if (rows <= 4) {
-        stream_rows<NMAT, 4>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+        stream_rows<NMAT, 4, OutT, UNROLL>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
       } else {
-        stream_rows<NMAT, 8>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
+        stream_rows<NMAT, 8, OutT, UNROLL>(a, slots, top_k, m0, rows, wrow, nvalid, n_first, K, out, ldo);
       }
     }
   }
@@ -365,10 +365,23 @@ __device__ __forceinline__ void warp_weight_rows(bf16 const* const* __restrict__
   }
 }
 
-template <int NMAT, class OutT>
-__global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
-                                                                  bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1,
-                                                                  std::int64_t ld, int K, int N, OutT* __restrict__ out) {
+/// Blocks a multiprocessor must hold, which caps the registers: the k loop keeps 4 (gate/up) or 2
+/// (down) 16-byte loads a lane per unrolled step in flight, and what limits a decode step is the
+/// bytes in flight per multiprocessor. Uncapped, gate/up took 129 registers (one block an SM);
+/// capped at two blocks it ran 4-23% faster on an H200 wherever it had blocks to fill them
+/// (docs/benchmarks.md, issue 4, twelfth step). Down over a long k (LONG_K: K >= stream_long_k)
+/// unrolls twice as far at two blocks an SM (3-11% faster at 2048 and 14336); over a short k
+/// (Qwen3-30B-A3B's 768) three blocks of the plain loop stay ahead.
+inline constexpr int stream_long_k = 2048;
+template <int NMAT, bool LONG_K>
+inline constexpr int stream_min_blocks = NMAT == 2 || LONG_K ? 2 : 3;
+template <int NMAT, bool LONG_K>
+inline constexpr int stream_unroll = NMAT == 1 && LONG_K ? 4 : 2;
+
+template <int NMAT, class OutT, bool LONG_K>
+__global__ void __launch_bounds__(threads, (stream_min_blocks<NMAT, LONG_K>))
+    grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G, bf16 const* const* __restrict__ w0,
+                          bf16 const* const* __restrict__ w1, std::int64_t ld, int K, int N, OutT* __restrict__ out) {
   // block y serves the y-th non-empty group
   int const g = nth_nonempty_group<threads>(offsets, G, static_cast<int>(blockIdx.y), first_group_flag(offsets, G));
   if (g < 0) return;
@@ -377,7 +390,8 @@ __global__ void __launch_bounds__(threads) grouped_stream_kernel(bf16 const* __r
   bf16 const* wrow[stream_rpw][NMAT];
   bool nvalid[stream_rpw];
   warp_weight_rows<NMAT>(w0, w1, g, ld, n_first, N, wrow, nvalid);
-  stream_group<NMAT, 8>(a, nullptr, 1, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out, static_cast<std::int64_t>(N));
+  stream_group<NMAT, 8, OutT, stream_unroll<NMAT, LONG_K>>(a, nullptr, 1, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out,
+                                                          static_cast<std::int64_t>(N));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -615,7 +629,14 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
-    grouped_stream_kernel<NMAT, OutT><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+    bool launched = false;
+    if constexpr (NMAT == 1) {
+      if (K >= stream_long_k) {
+        grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+        launched = true;
+      }
+    }
+    if (!launched) grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));
