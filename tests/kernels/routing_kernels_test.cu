@@ -424,7 +424,7 @@ TEST_CASE("gather kernel: every row width a lane loop can end at, wide strides, 
   }
 }
 
-TEST_CASE("router logits kernel: a warp per expert equals the fp32 dot products, 1 to 8 tokens, outputs poisoned",
+TEST_CASE("router logits kernel: a block per expert equals the fp32 dot products, 1 to 8 tokens, outputs poisoned",
           "[kernels][router]") {
   std::mt19937_64 rng(11);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);

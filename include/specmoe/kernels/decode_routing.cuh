@@ -1,5 +1,5 @@
 // specmoe/kernels/decode_routing.cuh: a decode step's whole routing in one launch: router logits
-// (a warp per expert, as router_logits.cuh), then, in the block that finishes last, the block gate
+// (a block per expert, as router_logits.cuh), then, in the block that finishes last, the block gate
 // of each token (gate.cuh) and the layout (layout.cuh's rank count). Each of the three alone is a
 // few microseconds of launch and memory latency for almost no bytes (docs/benchmarks.md, issue 4);
 // chained in one kernel the step pays one launch and no status reset of its own: the last block
@@ -27,12 +27,14 @@ namespace specmoe::kernels {
 
 /// Most slots (tokens x top_k) the fused routing lays out (its layout is the rank count).
 inline constexpr int decode_routing_max_slots = 64;
-/// Threads per block of the fused routing: the block gate needs one per expert.
+/// Threads per block of the fused routing: the block gate needs one per expert, the logits one
+/// block of router_logits' size per expert.
 inline constexpr int decode_routing_threads = gate_block_max_experts;
+static_assert(decode_routing_threads == detail::router_logits_threads, "one block size for the logits and the gate");
 
 namespace detail {
 
-/// logits[t * E + e] for this block's experts (one per warp), then the last block to arrive routes
+/// logits[t * E + e] for this block's expert (blockIdx.x), then the last block to arrive routes
 /// every token and lays the slots out. `arrivals`: a counter, zero between launches (the last
 /// block resets it), so launches sharing it must be ordered on one stream.
 template <int N>
@@ -41,9 +43,7 @@ static __global__ void __launch_bounds__(decode_routing_threads)
                           int n, float* __restrict__ logits, gate_params p, std::int32_t* __restrict__ ids,
                           float* __restrict__ weights, layout_buffers b, device_status* status, unsigned* arrivals) {
   int const E = p.num_experts;
-  int const warps = decode_routing_threads / 32;
-  int const e = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x >> 5);
-  if (e < E) router_logits_of_expert<N>(router, stride, E, H, x, n, e, logits);
+  router_logits_of_expert<N>(router, stride, E, H, x, n, static_cast<int>(blockIdx.x), logits);
 
   // Publish this block's logits, then count it; the last block sees every block's.
   __shared__ bool last;
@@ -84,8 +84,7 @@ inline cudaError_t launch_decode_routing(__nv_bfloat16 const* router, std::int64
                                          float* logits, gate_params const& p, std::int32_t* ids, float* weights, layout_buffers const& b,
                                          device_status* status, unsigned* arrivals, cudaStream_t stream) {
   if (!decode_routing_supported(router, stride, H, x, n, p) || !arrivals || !status) return cudaErrorInvalidValue;
-  int const warps = decode_routing_threads / 32;
-  dim3 const grid(static_cast<unsigned>((p.num_experts + warps - 1) / warps)), block(decode_routing_threads);
+  dim3 const grid(static_cast<unsigned>(p.num_experts)), block(decode_routing_threads);
   int const ni = static_cast<int>(n);
   switch (ni) {
     case 1: detail::decode_routing_kernel<1><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals); break;

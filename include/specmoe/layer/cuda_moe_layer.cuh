@@ -83,7 +83,7 @@ inline void enqueue_router_logits(cublasHandle_t cublas, matrix_view<bf16 const>
   float const one = 1.0f, zero = 0.0f;
   auto const E = static_cast<int>(router.rows), H = static_cast<int>(router.cols);
   auto const* w = reinterpret_cast<__nv_bfloat16 const*>(router.data);
-  if (kernels::router_logits_supported(w, router.stride, E, H, x, n)) {  // decode: a warp per expert
+  if (kernels::router_logits_supported(w, router.stride, E, H, x, n)) {  // decode: a block per expert
     SPECMOE_CUDA_TRY(kernels::launch_router_logits(w, router.stride, E, H, x, n, logits, stream));
     return;
   }
