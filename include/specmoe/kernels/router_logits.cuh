@@ -12,7 +12,7 @@
 
 namespace specmoe::kernels {
 
-/// Most tokens the warp-per-expert kernel takes (its accumulators live in registers).
+/// Most tokens the block-per-expert kernel takes (its accumulators live in registers).
 inline constexpr int router_logits_max_tokens = 8;
 
 namespace detail {
