@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # bench/run_cuda_decode.sh BIN_DIR OUT_DIR: the decode-latency slice of bench/run_cuda.sh, for
 # prebuilt binaries (cmake --preset cuda -DSPECMOE_BUILD_EXAMPLES=OFF, then the targets
-# specmoe_kernels_cuda_tests specmoe_layer_cuda_tests specmoe_kernels_routing_kernels_bench
-# specmoe_layer_cuda_moe_layer_bench specmoe_kernels_grouped_gemm_bench): the two GPU test
-# binaries, the gate kernels (automatic and each path forced), the launch_cost rows and the fused
-# decode routing beside its three-launch chain, the one-launch decode FFN beside the two GEMMs
+# specmoe_kernels_cuda_tests specmoe_layer_cuda_tests specmoe_offload_cuda_tests
+# specmoe_kernels_routing_kernels_bench specmoe_layer_cuda_moe_layer_bench
+# specmoe_kernels_grouped_gemm_bench): the three GPU test binaries that run the decode kernels (the
+# offload suite runs the stream GEMM through caller tables), the gate kernels (automatic and each
+# path forced), the launch_cost rows and the fused decode routing beside its three-launch chain,
+# the one-launch decode FFN beside the two GEMMs
 # (/ffn/ rows), and the whole layer at 1 and 16 tokens (3 repetitions; with the
 # <model>_one_launch_ffn/1 rows). Run on a GPU machine from the repository root:
 #   bash bench/run_cuda_decode.sh build/cuda/bin "$OUT"
@@ -16,7 +18,7 @@ mkdir -p "${out}"
 export LD_LIBRARY_PATH="${bin}/../lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 status=0
-for t in specmoe_kernels_cuda_tests specmoe_layer_cuda_tests; do
+for t in specmoe_kernels_cuda_tests specmoe_layer_cuda_tests specmoe_offload_cuda_tests; do
   echo "== ${t}"
   timeout 200 "${bin}/${t}" 2>&1 | tee -a "${out}/tests.log" | tail -3
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
