@@ -13,7 +13,11 @@
 //   with programmatic dependent launch, waiting at its start; kernel_pdl_trigger: also releasing
 //   its dependent right after; memcpy16 / memset16: the 16-byte status reset as a copy or a set),
 //   time per node.
-// decode_routing/<shape>/<tokens> (1-8 tokens): router logits, gate and layout of a decode step in
+// router_logits/<shape>/<tokens> (1-16 tokens): the router's logits by the block-per-expert kernel
+//   (kernels/router_logits.cuh), beside router_gemm/<shape>/<tokens>: the same product by
+//   cublasGemmEx as the layer runs it above router_logits_max_tokens (the measurement that sets
+//   that bound).
+// decode_routing/<shape>/<tokens> (1-16 tokens): router logits, gate and layout of a decode step in
 //   one launch (kernels/decode_routing.cuh), beside routing_chain/<shape>/<tokens>: the same three
 //   as separate launches with the status reset before them, as the layer ran them before.
 // Each row is one step captured in a CUDA graph and replayed 20 times back to back (data stay in
@@ -30,6 +34,7 @@
 #include <specmoe/kernels/permute.cuh>
 
 #include <benchmark/benchmark.h>
+#include <cublas_v2.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -277,6 +282,37 @@ void decode_routing(benchmark::State& state, int which, bool fused) {
   cudaFree(clean);
 }
 
+/// The router's logits of n tokens: the block-per-expert kernel, or cuBLAS as the layer calls it.
+void router(benchmark::State& state, int which, bool gemm) {
+  fixture f(which, state.range(0));
+  auto const E = f.cfg.num_experts, H = f.cfg.hidden_size;
+  auto* w = sb::random_device_bf16(static_cast<std::size_t>(E) * H, 7, 0.05f);
+  cublasHandle_t handle = nullptr;
+  if (gemm && cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
+    state.SkipWithError("cublasCreate failed");
+    for (auto _ : state) {
+    }
+    cudaFree(w);
+    return;
+  }
+  if (handle) cublasSetStream(handle, f.stream);
+  double const bytes = static_cast<double>(E) * H * 2 + static_cast<double>(f.n) * H * 2;  // router and x read once
+  run(state, f, bytes, [&](cudaStream_t s) {
+    if (gemm) {
+      float const one = 1.0f, zero = 0.0f;
+      if (cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(f.n), H, &one, w, CUDA_R_16BF, H, f.x, CUDA_R_16BF, H,
+                       &zero, f.logits, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+        std::fprintf(stderr, "cublasGemmEx failed\n");
+        std::exit(1);
+      }
+    } else {
+      SPECMOE_BENCH_CUDA(kernels::launch_router_logits(w, H, E, H, f.x, f.n, f.logits, s));
+    }
+  });
+  if (handle) cublasDestroy(handle);
+  cudaFree(w);
+}
+
 void register_all() {
   char const* names[] = {"mixtral", "qwen3", "dsv3"};
   for (int w = 0; w < 3; ++w) {
@@ -294,10 +330,16 @@ void register_all() {
     add("layout_device_sort", [w](benchmark::State& s) { layout(s, w, kernels::layout_path::device_sort); });
     add("gather", [w](benchmark::State& s) { gather(s, w); });
     add("combine", [w](benchmark::State& s) { combine(s, w); });
+    for (bool const gemm : {false, true}) {
+      auto* b = benchmark::RegisterBenchmark((std::string(gemm ? "router_gemm/" : "router_logits/") + names[w]).c_str(),
+                                             [w, gemm](benchmark::State& s) { router(s, w, gemm); });
+      for (long long t : {1, 2, 4, 8, 16}) b->Arg(t);
+      b->UseManualTime()->Unit(benchmark::kMicrosecond);
+    }
     for (bool const fused : {true, false}) {
       auto* b = benchmark::RegisterBenchmark((std::string(fused ? "decode_routing/" : "routing_chain/") + names[w]).c_str(),
                                              [w, fused](benchmark::State& s) { decode_routing(s, w, fused); });
-      for (long long t : {1, 2, 4, 8}) b->Arg(t);
+      for (long long t : {1, 2, 4, 8, 16}) b->Arg(t);
       b->UseManualTime()->Unit(benchmark::kMicrosecond);
     }
   }

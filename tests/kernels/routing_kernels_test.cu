@@ -424,7 +424,7 @@ TEST_CASE("gather kernel: every row width a lane loop can end at, wide strides, 
   }
 }
 
-TEST_CASE("router logits kernel: a block per expert equals the fp32 dot products, 1 to 8 tokens, outputs poisoned",
+TEST_CASE("router logits kernel: a block per expert equals the fp32 dot products, 1 to 16 tokens, outputs poisoned",
           "[kernels][router]") {
   std::mt19937_64 rng(11);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -461,9 +461,11 @@ TEST_CASE("router logits kernel: a block per expert equals the fp32 dot products
     }
   }
   // Outside its range it launches nothing and says so (the layer then runs a GEMM).
-  device_vector<__nv_bfloat16> d_router(std::vector<__nv_bfloat16>(64 * 64)), d_x(std::vector<__nv_bfloat16>(9 * 64));
-  REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 64, d_x.data(), 9));
-  REQUIRE(kernels::launch_router_logits(d_router.data(), 64, 64, 64, d_x.data(), 9, nullptr, nullptr) == cudaErrorInvalidValue);
+  std::int64_t const too_many = kernels::router_logits_max_tokens + 1;
+  device_vector<__nv_bfloat16> d_router(std::vector<__nv_bfloat16>(64 * 64)),
+      d_x(std::vector<__nv_bfloat16>(static_cast<std::size_t>(too_many * 64)));
+  REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 64, d_x.data(), too_many));
+  REQUIRE(kernels::launch_router_logits(d_router.data(), 64, 64, 64, d_x.data(), too_many, nullptr, nullptr) == cudaErrorInvalidValue);
   REQUIRE_FALSE(kernels::router_logits_supported(d_router.data(), 64, 64, 60, d_x.data(), 1));  // H not a multiple of 8
 }
 

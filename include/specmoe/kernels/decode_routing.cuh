@@ -68,7 +68,7 @@ static __global__ void __launch_bounds__(decode_routing_threads)
 
 }  // namespace detail
 
-/// Whether launch_decode_routing takes this step: router_logits_supported (1-8 bf16 tokens, aligned
+/// Whether launch_decode_routing takes this step: router_logits_supported (1-16 bf16 tokens, aligned
 /// rows), E <= gate_block_max_experts, tokens x top_k <= decode_routing_max_slots.
 inline bool decode_routing_supported(__nv_bfloat16 const* router, std::int64_t stride, int H, __nv_bfloat16 const* x, std::int64_t n,
                                      gate_params const& p) {
@@ -90,7 +90,10 @@ inline cudaError_t launch_decode_routing(__nv_bfloat16 const* router, std::int64
     case 1: detail::decode_routing_kernel<1><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals); break;
     case 2: detail::decode_routing_kernel<2><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals); break;
     case 3: case 4: detail::decode_routing_kernel<4><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals); break;
-    default: detail::decode_routing_kernel<8><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals); break;
+    case 5: case 6: case 7: case 8:
+      detail::decode_routing_kernel<8><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals);
+      break;
+    default: detail::decode_routing_kernel<16><<<grid, block, 0, stream>>>(router, stride, H, x, ni, logits, p, ids, weights, b, status, arrivals); break;
   }
   return cudaGetLastError();
 }

@@ -12,8 +12,10 @@
 
 namespace specmoe::kernels {
 
-/// Most tokens the block-per-expert kernel takes (its accumulators live in registers).
-inline constexpr int router_logits_max_tokens = 8;
+/// Most tokens the block-per-expert kernel takes (its accumulators live in registers). Each block
+/// reads all n token rows from L2 once, so the kernel's L2 traffic grows as E x n x H; at 16
+/// tokens it still beat cuBLAS's GEMM on the issue-4 shapes (docs/benchmarks.md, issue 4).
+inline constexpr int router_logits_max_tokens = 16;
 
 namespace detail {
 inline constexpr int router_logits_threads = 256;  // one block per expert: 8 warps split its row
@@ -38,7 +40,7 @@ __device__ inline void router_logits_of_expert(__nv_bfloat16 const* __restrict__
     auto const* wp = reinterpret_cast<__nv_bfloat162 const*>(&wv);
 #pragma unroll
     for (int t = 0; t < N; ++t) {
-      if (t >= n) break;  // N rounds n up to 4 or 8
+      if (t >= n) break;  // N rounds n up to 4, 8 or 16
       uint4 const xv = __ldg(reinterpret_cast<uint4 const*>(x + static_cast<std::int64_t>(t) * H + h));
       auto const* xp = reinterpret_cast<__nv_bfloat162 const*>(&xv);
 #pragma unroll
@@ -93,7 +95,10 @@ inline cudaError_t launch_router_logits(__nv_bfloat16 const* router, std::int64_
     case 1: detail::router_logits_kernel<1><<<grid, block, 0, stream>>>(router, stride, E, H, x, static_cast<int>(n), logits); break;
     case 2: detail::router_logits_kernel<2><<<grid, block, 0, stream>>>(router, stride, E, H, x, static_cast<int>(n), logits); break;
     case 3: case 4: detail::router_logits_kernel<4><<<grid, block, 0, stream>>>(router, stride, E, H, x, static_cast<int>(n), logits); break;
-    default: detail::router_logits_kernel<8><<<grid, block, 0, stream>>>(router, stride, E, H, x, static_cast<int>(n), logits); break;
+    case 5: case 6: case 7: case 8:
+      detail::router_logits_kernel<8><<<grid, block, 0, stream>>>(router, stride, E, H, x, static_cast<int>(n), logits);
+      break;
+    default: detail::router_logits_kernel<16><<<grid, block, 0, stream>>>(router, stride, E, H, x, static_cast<int>(n), logits); break;
   }
   return cudaGetLastError();
 }
