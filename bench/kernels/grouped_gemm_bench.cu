@@ -8,7 +8,9 @@
 //           dsv3 (7168, 2048, 256, top-8), dsv3_slice32 (the 32 local experts of one rank of 8;
 //           the rows are the slots of the random top-8 routing over 256 that land on them)
 //   kernel: gate_up (w13 fused [2F, H] per expert; + SwiGLU for ours) | down ([H, F] per expert)
-//   impl:   ours (automatic path, with the tensor maps) | stream / mma / wgmma (forced path) |
+//   impl:   ours (automatic path, with the tensor maps) | stream / mma / wgmma (forced path;
+//           stream is the bulk-copy kernel on sm_90) | stream_registers (the register-fed stream
+//           kernel, forced) |
 //           cublas (one cublasGemmEx per non-empty expert with host-known counts; gate_up without
 //           the SwiGLU)
 // Also <shape>/ffn/chain|fused|fused_chunk8/tokens:<t> (shapes with F <= 2048): the whole decode
@@ -218,11 +220,12 @@ double timed_launches(benchmark::State& state, Launch const& launch) {
   return total_s / static_cast<double>(std::max<std::int64_t>(iters, 1));
 }
 
-enum class impl { ours, stream, mma, wgmma, cublas };
+enum class impl { ours, stream, mma, wgmma, cublas, stream_registers };
 char const* impl_name(impl i) {
   switch (i) {
     case impl::ours: return "ours";
     case impl::stream: return "stream";
+    case impl::stream_registers: return "stream_registers";
     case impl::mma: return "mma";
     case impl::wgmma: return "wgmma";
     default: return "cublas";
@@ -232,7 +235,8 @@ char const* impl_name(impl i) {
 void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which, int tokens) {
   weights& w = model_weights(s);
   case_data& c = get_case(s, tokens);
-  auto const path = which == impl::stream ? sk::grouped_gemm_path::stream
+  auto const path = which == impl::stream             ? sk::grouped_gemm_path::stream
+                    : which == impl::stream_registers ? sk::grouped_gemm_path::stream_registers
                     : which == impl::mma    ? sk::grouped_gemm_path::mma
                     : which == impl::wgmma  ? sk::grouped_gemm_path::wgmma
                                             : sk::grouped_gemm_path::automatic;
@@ -343,10 +347,10 @@ int main(int argc, char** argv) {
   for (auto const& s : shapes) {
     for (int tokens : token_counts) {
       for (bool gate_up : {true, false}) {
-        for (impl which : {impl::cublas, impl::ours, impl::stream, impl::mma, impl::wgmma}) {
-          // the forced stream path re-reads weights per 8 rows: only where groups are small
+        for (impl which : {impl::cublas, impl::ours, impl::stream, impl::stream_registers, impl::mma, impl::wgmma}) {
+          // the forced stream paths re-read weights per 8 rows: only where groups are small
           double const rows_per_group = static_cast<double>(tokens) * s.top_k / s.E;
-          if (which == impl::stream && rows_per_group > 64) continue;
+          if ((which == impl::stream || which == impl::stream_registers) && rows_per_group > 64) continue;
           std::string const name = std::string(s.name) + (gate_up ? "/gate_up/" : "/down/") + impl_name(which) + "/tokens:" + std::to_string(tokens);
           benchmark::RegisterBenchmark(name.c_str(), bench, &s, gate_up, which, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
         }

@@ -19,6 +19,7 @@ namespace {
 sk::grouped_gemm_path to_sk(path p) {
   switch (p) {
     case path::stream: return sk::grouped_gemm_path::stream;
+    case path::stream_registers: return sk::grouped_gemm_path::stream_registers;
     case path::mma: return sk::grouped_gemm_path::mma;
     case path::wgmma: return sk::grouped_gemm_path::wgmma;
     default: return sk::grouped_gemm_path::automatic;

@@ -12,7 +12,7 @@
 namespace gg_test {
 
 /// Mirrors specmoe::kernels::grouped_gemm_path.
-enum class path { automatic, stream, mma, wgmma };
+enum class path { automatic, stream, mma, wgmma, stream_registers };
 
 /// specmoe::kernels::grouped_weight_maps, opaque here.
 struct weight_maps;

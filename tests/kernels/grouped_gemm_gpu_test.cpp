@@ -14,6 +14,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -171,6 +172,7 @@ std::string describe(problem const& p) {
 char const* path_name(path p) {
   switch (p) {
     case path::stream: return "stream";
+    case path::stream_registers: return "stream_registers";
     case path::mma: return "mma";
     case path::wgmma: return "wgmma";
     default: return "automatic";
@@ -401,8 +403,7 @@ TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on eve
   int staged_runs = 0;  // problems that ran the wgmma kernels with the staged epilogue forced
   for (auto const& pr : problems()) {
     fixture fx(pr, rng);
-    for (auto const path : {path::automatic, path::stream, path::mma,
-                            path::wgmma}) {
+    for (auto const path : {path::automatic, path::stream, path::stream_registers, path::mma, path::wgmma}) {
       if (path == path::wgmma && !sm90) continue;
       std::string const what = describe(pr) + " path=" + path_name(path);
       INFO(what);
@@ -430,6 +431,42 @@ TEST_CASE("grouped_gemm: gate_up+swiglu and down match the host reference on eve
     }
   }
   if (sm90) CHECK(staged_runs >= 10);
+}
+
+TEST_CASE("grouped_gemm: the bulk-copy and the register-fed stream kernels give the same bits") {
+  int dev_count = 0;
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  std::mt19937_64 rng(99);
+  auto problems_here = problems();
+  // decode shapes: one token's 8 groups of 128, 16 tokens' 1-2 rows a group, a long k in few groups
+  problems_here.push_back({128, 8, 8, 2048, 768, 2048, sizes_kind::random, true});
+  problems_here.push_back({128, 128, 128, 2048, 768, 2048, sizes_kind::with_empty, false});
+  problems_here.push_back({8, 2, 2, 4096, 1024, 4096, sizes_kind::random, true});
+  for (auto const& pr : problems_here) {
+    fixture fx(pr, rng);
+    std::string const what = describe(pr);
+    INFO(what);
+    std::vector<std::vector<unsigned char>> got[2];
+    for (int v = 0; v < 2; ++v) {
+      auto const pa = v == 0 ? path::stream : path::stream_registers;
+      fx.poison();
+      GG_CHECK(fx.gate_up(pa, nullptr));
+      GG_CHECK(fx.down(pa, nullptr));
+      GG_CHECK(fx.down_f32(pa, nullptr));
+      GG_CHECK(cudaDeviceSynchronize());
+      if (v == 0) fx.check(what + " path=stream");
+      for (auto const& [ptr, bytes] : {std::pair<void const*, std::size_t>{fx.d_h.p, fx.d_h.n * 2}, {fx.d_y.p, fx.d_y.n * 2},
+                                       {fx.d_yf.p, fx.d_yf.n * 4}}) {
+        std::vector<unsigned char> b(bytes);
+        GG_CHECK(cudaMemcpy(b.data(), ptr, bytes, cudaMemcpyDeviceToHost));
+        got[v].push_back(std::move(b));
+      }
+    }
+    for (std::size_t i = 0; i < got[0].size(); ++i) {
+      INFO("output " << (i == 0 ? "h" : i == 1 ? "y" : "y fp32"));
+      CHECK(got[0][i] == got[1][i]);
+    }
+  }
 }
 
 TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result") {

@@ -15,7 +15,9 @@
 // Three paths, chosen in the wrapper from host-known numbers only (M_total / G, the device):
 //   stream: few rows per group (decode). Each warp streams whole weight rows with 16-byte loads
 //           and applies each weight element to up to 8 rows of its group (weights read once per
-//           8 rows of a group).
+//           8 rows of a group). On sm_90 a persistent kernel feeds the warps from shared memory
+//           by bulk copies instead (detail/grouped_stream_bulk.cuh: more bytes in flight, the
+//           same sums in the same order).
 //   mma:    many rows per group (prefill). 128x128x64 tiles, mma.sync m16n8k16 bf16 tensor cores,
 //           ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline; each block finds
 //           its (group, row tile) by a block-wide scan of the offsets (no tile table, no
@@ -38,6 +40,7 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include <specmoe/kernels/detail/grouped_stream_bulk.cuh>
 #include <specmoe/kernels/detail/grouped_wgmma.cuh>
 
 #include <cstddef>
@@ -50,8 +53,10 @@ namespace specmoe::kernels {
 
 /// Which kernel runs: `automatic` chooses from M_total / G and the device (the default); the others
 /// force one path (tests and benchmarks). A forced `wgmma` needs grouped_weight_maps, an sm_90
-/// device and an sm_90a build (else cudaErrorInvalidValue / cudaErrorNotSupported).
-enum class grouped_gemm_path { automatic, stream, mma, wgmma };
+/// device and an sm_90a build (else cudaErrorInvalidValue / cudaErrorNotSupported). `stream` runs
+/// the bulk-copy stream kernel where it can (sm_90, G up to about 2000) and the register-fed one
+/// elsewhere; `stream_registers` forces the register-fed one (same results, bit for bit).
+enum class grouped_gemm_path { automatic, stream, mma, wgmma, stream_registers };
 
 /// Scratch the grouped GEMMs need: none (each block scans the offsets itself).
 constexpr std::size_t grouped_gemm_workspace_bytes(int /*G*/, std::int64_t /*M_total*/) noexcept { return 0; }
@@ -626,6 +631,10 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
                                               maps->tile_counters(), stream);
   }
   if (chosen == grouped_gemm_path::stream) {
+    cudaError_t err = cudaSuccess;
+    if (stream_bulk_detail::try_launch<NMAT, OutT>(a, offsets, G, M_total, w0, w1, ld, K, N, out, stream, err)) return err;
+  }
+  if (chosen == grouped_gemm_path::stream || chosen == grouped_gemm_path::stream_registers) {
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
