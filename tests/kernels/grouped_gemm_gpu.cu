@@ -45,6 +45,15 @@ cudaError_t gate_up(void const* x, std::int64_t const* offsets, int G, std::int6
                                            reinterpret_cast<dbf16 const* const*>(w_up), ld, K, F, static_cast<dbf16*>(h), stream, to_sk(p),
                                            raw(maps));
 }
+cudaError_t gate_up_gathered(void const* x, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G,
+                             std::int64_t M_total, void const* const* w_gate, void const* const* w_up, std::int64_t ld, int K, int F,
+                             void* h, cudaStream_t stream, path p, weight_maps const* maps) {
+  return sk::launch_grouped_gate_up_swiglu_gathered(static_cast<dbf16 const*>(x), slots, top_k, offsets, G, M_total, table(w_gate),
+                                                    table(w_up), ld, K, F, static_cast<dbf16*>(h), stream, to_sk(p), raw(maps));
+}
+bool gemm_streams(int G, std::int64_t M_total, int N, int nmat, weight_maps const* maps) {
+  return sk::grouped_gemm_streams(G, M_total, N, nmat, raw(maps));
+}
 cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,
                  int F, int N, void* y_bf16, cudaStream_t stream, path p, weight_maps const* maps) {
   return sk::launch_grouped_down(static_cast<dbf16 const*>(h), offsets, G, M_total, reinterpret_cast<dbf16 const* const*>(w_down), ld, F,

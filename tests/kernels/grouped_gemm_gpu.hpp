@@ -30,6 +30,12 @@ cudaError_t maps_status(weight_maps const* m);
 cudaError_t gate_up(void const* x, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_gate,
                     void const* const* w_up, std::int64_t ld, int K, int F, void* h, cudaStream_t stream, path p,
                     weight_maps const* maps);
+/// gate_up with the gather folded in: A row m is x[slots[m] / top_k].
+cudaError_t gate_up_gathered(void const* x, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G,
+                             std::int64_t M_total, void const* const* w_gate, void const* const* w_up, std::int64_t ld, int K, int F,
+                             void* h, cudaStream_t stream, path p, weight_maps const* maps);
+/// specmoe::kernels::grouped_gemm_streams.
+bool gemm_streams(int G, std::int64_t M_total, int N, int nmat, weight_maps const* maps);
 cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,
                  int F, int N, void* y_bf16, cudaStream_t stream, path p, weight_maps const* maps);
 cudaError_t down_f32(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down,

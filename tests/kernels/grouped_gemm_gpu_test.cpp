@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <utility>
@@ -467,6 +468,69 @@ TEST_CASE("grouped_gemm: the bulk-copy and the register-fed stream kernels give 
       CHECK(got[0][i] == got[1][i]);
     }
   }
+}
+
+TEST_CASE("grouped_gemm: gate_up with the gather folded in equals gather then gate_up, bit for bit") {
+  int dev_count = 0;
+  REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
+  std::mt19937_64 rng(5);
+  auto problems_here = problems();
+  problems_here.push_back({128, 8, 8, 2048, 768, 2048, sizes_kind::random, true});
+  int streamed_automatic = 0;
+  for (auto const& pr : problems_here) {
+    for (int top_k : {1, 3}) {
+      if (top_k == 3 && pr.M_total > 4096) continue;  // (the large problems once)
+      fixture fx(pr, rng);
+      std::string const what = describe(pr) + " top_k=" + std::to_string(top_k);
+      INFO(what);
+      // x in token order: expert-major row m is token slots[m] / top_k, each token's row once
+      std::vector<std::int32_t> perm(static_cast<std::size_t>(pr.M_total));
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<std::int32_t> slots(perm.size());
+      std::vector<bf16> x_tokens(fx.x.size());
+      for (std::size_t m = 0; m < perm.size(); ++m) {
+        slots[m] = perm[m] * top_k + static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(top_k));
+        std::copy_n(fx.x.begin() + static_cast<std::ptrdiff_t>(m * static_cast<std::size_t>(pr.K)), pr.K,
+                    x_tokens.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(perm[m]) * static_cast<std::size_t>(pr.K)));
+      }
+      dev_buf<bf16> d_xt(x_tokens.size());
+      dev_buf<std::int32_t> d_slots(slots.size());
+      REQUIRE(d_xt.p);
+      REQUIRE(d_slots.p);
+      GG_CHECK(cudaMemcpy(d_xt.p, x_tokens.data(), x_tokens.size() * 2, cudaMemcpyHostToDevice));
+      GG_CHECK(cudaMemcpy(d_slots.p, slots.data(), slots.size() * 4, cudaMemcpyHostToDevice));
+      auto gathered = [&](path pa) {
+        return gg_test::gate_up_gathered(d_xt.p, d_slots.p, top_k, fx.d_off.p, pr.G, pr.M_total, fx.d_pg.p, fx.d_pu.p, fx.ld_up, pr.K,
+                                         pr.F, fx.d_h.p, nullptr, pa, fx.maps_up.get());
+      };
+      std::vector<bf16> want(fx.d_h.n), got(fx.d_h.n);
+      for (auto const pa : {path::stream, path::stream_registers}) {
+        INFO("path=" << path_name(pa));
+        fx.poison();
+        GG_CHECK(fx.gate_up(pa, nullptr));
+        GG_CHECK(cudaMemcpy(want.data(), fx.d_h.p, want.size() * 2, cudaMemcpyDeviceToHost));
+        fx.poison();
+        GG_CHECK(gathered(pa));
+        GG_CHECK(cudaMemcpy(got.data(), fx.d_h.p, got.size() * 2, cudaMemcpyDeviceToHost));
+        CHECK(std::memcmp(want.data(), got.data(), want.size() * 2) == 0);
+      }
+      // the tiled paths read A in place: refused, nothing written
+      fx.poison();
+      CHECK(gathered(path::mma) == cudaErrorInvalidValue);
+      bool const streams = gg_test::gemm_streams(pr.G, pr.M_total, pr.F, 2, fx.maps_up.get());
+      CHECK(gathered(path::automatic) == (streams ? cudaSuccess : cudaErrorInvalidValue));
+      GG_CHECK(cudaDeviceSynchronize());
+      GG_CHECK(cudaMemcpy(got.data(), fx.d_h.p, got.size() * 2, cudaMemcpyDeviceToHost));
+      if (streams) {
+        CHECK(std::memcmp(want.data(), got.data(), want.size() * 2) == 0);
+        ++streamed_automatic;
+      } else {
+        CHECK(std::all_of(got.begin(), got.end(), [](bf16 v) { return v.bits == 0xFFFF; }));
+      }
+    }
+  }
+  CHECK(streamed_automatic >= 4);  // the decode-sized problems take the fold automatically
 }
 
 TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result") {

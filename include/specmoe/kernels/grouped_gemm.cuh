@@ -385,7 +385,8 @@ inline constexpr int stream_unroll = NMAT == 1 && LONG_K ? 4 : 2;
 
 template <int NMAT, class OutT, bool LONG_K>
 __global__ void __launch_bounds__(threads, (stream_min_blocks<NMAT, LONG_K>))
-    grouped_stream_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G, bf16 const* const* __restrict__ w0,
+    grouped_stream_kernel(bf16 const* __restrict__ a, std::int32_t const* __restrict__ slots, int top_k,
+                          std::int64_t const* __restrict__ offsets, int G, bf16 const* const* __restrict__ w0,
                           bf16 const* const* __restrict__ w1, std::int64_t ld, int K, int N, OutT* __restrict__ out) {
   // block y serves the y-th non-empty group
   int const g = nth_nonempty_group<threads>(offsets, G, static_cast<int>(blockIdx.y), first_group_flag(offsets, G));
@@ -395,7 +396,7 @@ __global__ void __launch_bounds__(threads, (stream_min_blocks<NMAT, LONG_K>))
   bf16 const* wrow[stream_rpw][NMAT];
   bool nvalid[stream_rpw];
   warp_weight_rows<NMAT>(w0, w1, g, ld, n_first, N, wrow, nvalid);
-  stream_group<NMAT, 8, OutT, stream_unroll<NMAT, LONG_K>>(a, nullptr, 1, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out,
+  stream_group<NMAT, 8, OutT, stream_unroll<NMAT, LONG_K>>(a, slots, top_k, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out,
                                                           static_cast<std::int64_t>(N));
 }
 
@@ -610,12 +611,18 @@ inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total
   return wgmma_ok ? grouped_gemm_path::wgmma : grouped_gemm_path::mma;
 }
 
+/// A operand rows gathered on the fly (stream paths only): row m is a[slots[m] / top_k].
+struct row_gather {
+  std::int32_t const* slots = nullptr;
+  int top_k = 1;
+};
+
 template <int NMAT, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0,
                    bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, grouped_gemm_path path,
-                   grouped_weight_maps const* maps) {
+                   grouped_weight_maps const* maps, row_gather gather = {}) {
   if (G < 1 || G > 16384 || M_total < 0 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || ld < K || ld % 8 != 0 || !a || !offsets ||
-      !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out)) {
+      !w0 || (NMAT == 2 && !w1) || !out || !aligned16(a) || !aligned16(out) || gather.top_k < 1) {
     return cudaErrorInvalidValue;
   }
   if (maps && maps->status() != cudaSuccess) maps = nullptr;  // unusable: as if absent
@@ -624,6 +631,8 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   constexpr bool swiglu = NMAT == 2;
   bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
   grouped_gemm_path const chosen = choose(path, G, M_total, N, NMAT, wgmma_ok);
+  bool const streams = chosen == grouped_gemm_path::stream || chosen == grouped_gemm_path::stream_registers;
+  if (gather.slots && !streams) return cudaErrorInvalidValue;  // the tiled paths read A rows in place
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
@@ -632,20 +641,27 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   }
   if (chosen == grouped_gemm_path::stream) {
     cudaError_t err = cudaSuccess;
-    if (stream_bulk_detail::try_launch<NMAT, OutT>(a, offsets, G, M_total, w0, w1, ld, K, N, out, stream, err)) return err;
+    if (stream_bulk_detail::try_launch<NMAT, OutT>(a, gather.slots, gather.top_k, offsets, G, M_total, w0, w1, ld, K, N, out, stream,
+                                                   err)) {
+      return err;
+    }
   }
-  if (chosen == grouped_gemm_path::stream || chosen == grouped_gemm_path::stream_registers) {
+  if (streams) {
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
     bool launched = false;
     if constexpr (NMAT == 1) {
       if (K >= stream_long_k) {
-        grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+        grouped_stream_kernel<NMAT, OutT, true>
+            <<<grid, threads, 0, stream>>>(a, gather.slots, gather.top_k, offsets, G, w0, w1, ld, K, N, out);
         launched = true;
       }
     }
-    if (!launched) grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, offsets, G, w0, w1, ld, K, N, out);
+    if (!launched) {
+      grouped_stream_kernel<NMAT, OutT, false>
+          <<<grid, threads, 0, stream>>>(a, gather.slots, gather.top_k, offsets, G, w0, w1, ld, K, N, out);
+    }
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
     cudaError_t const attr = detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel), static_cast<int>(mma_smem_bytes));
@@ -676,6 +692,31 @@ inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, std::in
                                                  grouped_gemm_path path = grouped_gemm_path::automatic,
                                                  grouped_weight_maps const* maps = nullptr) {
   return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps);
+}
+
+/// The same with the gather folded in (decode): row m of the A operand is x[slots[m] / top_k]
+/// (slots: a layout's sorted_slots; x [tokens, K] dense, in token order), so no expert-major copy
+/// of x is written first. The stream paths read their rows through `slots`; the tiled paths cannot,
+/// so with `automatic` this is valid only where grouped_gemm_streams(G, M_total, F, 2, maps) holds
+/// (cudaErrorInvalidValue, nothing launched, otherwise).
+inline cudaError_t launch_grouped_gate_up_swiglu_gathered(__nv_bfloat16 const* x, std::int32_t const* slots, int top_k,
+                                                          std::int64_t const* offsets, int G, std::int64_t M_total,
+                                                          __nv_bfloat16 const* const* w_gate, __nv_bfloat16 const* const* w_up,
+                                                          std::int64_t ld, int K, int F, __nv_bfloat16* h, cudaStream_t stream,
+                                                          grouped_gemm_path path = grouped_gemm_path::automatic,
+                                                          grouped_weight_maps const* maps = nullptr) {
+  if (!slots) return cudaErrorInvalidValue;
+  return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps,
+                                        grouped_gemm_detail::row_gather{slots, top_k});
+}
+
+/// Whether the automatic choice streams the weights (decode sizes) for these host-known sizes:
+/// nmat 2 for gate/up (N = F), 1 for down; `maps` as passed to the launch.
+inline bool grouped_gemm_streams(int G, std::int64_t M_total, int N, int nmat, grouped_weight_maps const* maps) {
+  if (maps && maps->status() != cudaSuccess) maps = nullptr;
+  bool const wgmma_ok = maps && (nmat == 2 ? wgmma_detail::can_launch<true, __nv_bfloat16>(G, M_total)
+                                           : wgmma_detail::can_launch<false, __nv_bfloat16>(G, M_total));
+  return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, N, nmat, wgmma_ok) == grouped_gemm_path::stream;
 }
 
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row

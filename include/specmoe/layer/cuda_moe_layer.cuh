@@ -269,13 +269,27 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       }
     }
     if (!fused_ffn) {
-      SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
       // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
       bool const own_tables = !options_.expert_tables;
-      SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
-                                                              gate_up_ld_, H, config_.ffn_size, h_, stream,
-                                                              kernels::grouped_gemm_path::automatic,
-                                                              own_tables ? &gate_up_maps_ : nullptr));
+      auto const* gate_up_maps = own_tables ? &gate_up_maps_ : nullptr;
+      // Decode sizes stream the weights, and the stream kernels read x's rows through the
+      // layout's slots: no gather launch (its rows would be read once more anyway).
+      bool gathered_in_gemm = false;
+      if constexpr (!fp32) {
+        if (kernels::grouped_gemm_streams(E, rows, config_.ffn_size, 2, gate_up_maps)) {
+          SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu_gathered(x, layout_.sorted_slots, k, layout_.offsets, E, rows,
+                                                                           gate_table_, up_table_, gate_up_ld_, H,
+                                                                           config_.ffn_size, h_, stream,
+                                                                           kernels::grouped_gemm_path::automatic, gate_up_maps));
+          gathered_in_gemm = true;
+        }
+      }
+      if (!gathered_in_gemm) {
+        SPECMOE_CUDA_TRY(kernels::launch_gather_rows(x, H, H, layout_.sorted_slots, k, layout_.offsets + E, rows, xp_, stream));
+        SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu(xp_, layout_.offsets, E, rows, gate_table_, up_table_,
+                                                                gate_up_ld_, H, config_.ffn_size, h_, stream,
+                                                                kernels::grouped_gemm_path::automatic, gate_up_maps));
+      }
       SPECMOE_CUDA_TRY(kernels::launch_grouped_down(h_, layout_.offsets, E, rows, down_table_, down_ld_,
                                                     config_.ffn_size, H, y, stream, kernels::grouped_gemm_path::automatic,
                                                     own_tables ? &down_maps_ : nullptr));

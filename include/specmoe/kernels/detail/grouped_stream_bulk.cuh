@@ -210,7 +210,8 @@ __device__ __forceinline__ void consume_item(item const& t, int K, int N, unsign
 
 template <int NMAT, class OutT>
 __global__ void __launch_bounds__(threads, 1)
-    grouped_stream_bulk_kernel(bf16 const* __restrict__ a, std::int64_t const* __restrict__ offsets, int G,
+    grouped_stream_bulk_kernel(bf16 const* __restrict__ a, std::int32_t const* __restrict__ slots, int top_k,
+                               std::int64_t const* __restrict__ offsets, int G,
                                bf16 const* const* __restrict__ w0, bf16 const* const* __restrict__ w1, std::int64_t ld, int K, int N,
                                OutT* __restrict__ out) {
 #if SPECMOE_STREAM_BULK_DEVICE
@@ -264,6 +265,9 @@ __global__ void __launch_bounds__(threads, 1)
       item const t = locate(it, bands, pre, off, G);
       int const nrows = N - t.n0 < band_rows ? N - t.n0 : band_rows;
       int const copies = nrows * NMAT + t.rows;
+      // lane r < t.rows copies activation row r of the chunk: a's row m, or a[slots[m] / top_k]
+      std::int64_t const m = t.m0 + (lane < t.rows ? lane : 0);
+      bf16 const* const x_row = a + (slots ? slots[m] / top_k : m) * static_cast<std::int64_t>(K);
       for (int k0 = 0; k0 < K; k0 += KC, ++u) {
         int const s = u % stages;
         if (u >= stages) mbar_wait(empty0 + 8 * s, static_cast<std::uint32_t>(((u / stages) + 1) & 1));
@@ -272,19 +276,13 @@ __global__ void __launch_bounds__(threads, 1)
         if (lane == 0) mbar_expect_tx(full0 + 8 * s, row_bytes * static_cast<std::uint32_t>(copies));
         __syncwarp();
         std::uint32_t const dst0 = smem_u32(stages_base + static_cast<std::size_t>(s) * stage_bytes<NMAT>);
-        for (int c = lane; c < copies; c += 32) {
-          bf16 const* src;
-          std::uint32_t dst;
-          if (c < nrows * NMAT) {
-            int const j = c / nrows, row = c - j * nrows;
-            src = tab[j * G + t.g] + static_cast<std::int64_t>(t.n0 + row) * ld + k0;
-            dst = dst0 + static_cast<std::uint32_t>((j * band_rows + row) * KC * 2);
-          } else {
-            int const r = c - nrows * NMAT;
-            src = a + (t.m0 + r) * static_cast<std::int64_t>(K) + k0;
-            dst = dst0 + static_cast<std::uint32_t>(weight_stage_bytes + r * KC * 2);
-          }
-          bulk_load(dst, src, row_bytes, full0 + 8 * s);
+        for (int c = lane; c < nrows * NMAT; c += 32) {
+          int const j = c / nrows, row = c - j * nrows;
+          bf16 const* const src = tab[j * G + t.g] + static_cast<std::int64_t>(t.n0 + row) * ld + k0;
+          bulk_load(dst0 + static_cast<std::uint32_t>((j * band_rows + row) * KC * 2), src, row_bytes, full0 + 8 * s);
+        }
+        if (lane < t.rows) {
+          bulk_load(dst0 + static_cast<std::uint32_t>(weight_stage_bytes + lane * KC * 2), x_row + k0, row_bytes, full0 + 8 * s);
         }
       }
     }
@@ -346,8 +344,9 @@ bool fits(int G) {
 /// Launches the kernel when it can run here (sm_90 device and body, G small enough for its shared
 /// memory, 16-byte aligned weight rows); returns false, launching nothing, otherwise.
 template <int NMAT, class OutT>
-bool try_launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, bf16 const* const* w0, bf16 const* const* w1,
-                std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream, cudaError_t& err) {
+bool try_launch(bf16 const* a, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G, std::int64_t M_total,
+                bf16 const* const* w0, bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream,
+                cudaError_t& err) {
   int const sms = sm90_multiprocessors();
   if (sms <= 0 || !fits<NMAT, OutT>(G)) return false;
   auto const bytes = static_cast<int>(smem_bytes<NMAT>(G));
@@ -358,8 +357,8 @@ bool try_launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t 
   std::int64_t const bands = (N + band_rows - 1) / band_rows;
   std::int64_t const items = (M_total / chunk_rows + active) * bands;
   auto const grid = static_cast<unsigned>(items < sms ? items : sms);
-  grouped_stream_bulk_kernel<NMAT, OutT><<<grid, threads, static_cast<std::size_t>(bytes), stream>>>(a, offsets, G, w0, w1, ld, K, N,
-                                                                                                      out);
+  grouped_stream_bulk_kernel<NMAT, OutT><<<grid, threads, static_cast<std::size_t>(bytes), stream>>>(a, slots, top_k, offsets, G, w0, w1,
+                                                                                                      ld, K, N, out);
   err = cudaGetLastError();
   return true;
 }
