@@ -51,6 +51,9 @@ cudaError_t gate_up_gathered(void const* x, std::int32_t const* slots, int top_k
   return sk::launch_grouped_gate_up_swiglu_gathered(static_cast<dbf16 const*>(x), slots, top_k, offsets, G, M_total, table(w_gate),
                                                     table(w_up), ld, K, F, static_cast<dbf16*>(h), stream, to_sk(p), raw(maps));
 }
+bool stream_bulk_runs(int G, int nmat) {
+  return nmat == 2 ? sk::stream_bulk_detail::runs<2, dbf16>(G) : sk::stream_bulk_detail::runs<1, dbf16>(G);
+}
 bool gemm_streams(int G, std::int64_t M_total, int N, int nmat, weight_maps const* maps) {
   return sk::grouped_gemm_streams(G, M_total, N, nmat, raw(maps));
 }

@@ -34,6 +34,8 @@ cudaError_t gate_up(void const* x, std::int64_t const* offsets, int G, std::int6
 cudaError_t gate_up_gathered(void const* x, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G,
                              std::int64_t M_total, void const* const* w_gate, void const* const* w_up, std::int64_t ld, int K, int F,
                              void* h, cudaStream_t stream, path p, weight_maps const* maps);
+/// Whether `stream` runs the bulk-copy kernel for G groups here (gate/up: nmat 2; down: 1, bf16 out).
+bool stream_bulk_runs(int G, int nmat);
 /// specmoe::kernels::grouped_gemm_streams.
 bool gemm_streams(int G, std::int64_t M_total, int N, int nmat, weight_maps const* maps);
 cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,

@@ -443,10 +443,20 @@ TEST_CASE("grouped_gemm: the bulk-copy and the register-fed stream kernels give 
   problems_here.push_back({128, 8, 8, 2048, 768, 2048, sizes_kind::random, true});
   problems_here.push_back({128, 128, 128, 2048, 768, 2048, sizes_kind::with_empty, false});
   problems_here.push_back({8, 2, 2, 4096, 1024, 4096, sizes_kind::random, true});
+  // G up, down, up again: the kernel's shared-memory limit must not stay at a smaller G's size
+  problems_here.push_back({16, 16, 16, 256, 128, 256, sizes_kind::random, true});
+  problems_here.push_back({128, 64, 64, 256, 128, 256, sizes_kind::with_empty, true});
+  bool const sm90 = device_is_sm90();
+  int bulk_runs = 0;
   for (auto const& pr : problems_here) {
     fixture fx(pr, rng);
     std::string const what = describe(pr);
     INFO(what);
+    if (sm90 && pr.G <= 1024) {  // within both kernels' shared memory: the bulk kernel runs
+      CHECK(gg_test::stream_bulk_runs(pr.G, 2));
+      CHECK(gg_test::stream_bulk_runs(pr.G, 1));
+      ++bulk_runs;
+    }
     std::vector<std::vector<unsigned char>> got[2];
     for (int v = 0; v < 2; ++v) {
       auto const pa = v == 0 ? path::stream : path::stream_registers;
@@ -468,6 +478,7 @@ TEST_CASE("grouped_gemm: the bulk-copy and the register-fed stream kernels give 
       CHECK(got[0][i] == got[1][i]);
     }
   }
+  if (sm90) CHECK(bulk_runs >= 15);  // (elsewhere both paths are the register-fed kernel)
 }
 
 TEST_CASE("grouped_gemm: gate_up with the gather folded in equals gather then gate_up, bit for bit") {

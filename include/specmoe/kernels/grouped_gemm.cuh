@@ -54,8 +54,9 @@ namespace specmoe::kernels {
 /// Which kernel runs: `automatic` chooses from M_total / G and the device (the default); the others
 /// force one path (tests and benchmarks). A forced `wgmma` needs grouped_weight_maps, an sm_90
 /// device and an sm_90a build (else cudaErrorInvalidValue / cudaErrorNotSupported). `stream` runs
-/// the bulk-copy stream kernel where it can (sm_90, G up to about 2000) and the register-fed one
-/// elsewhere; `stream_registers` forces the register-fed one (same results, bit for bit).
+/// the bulk-copy stream kernel where it can (sm_90; G up to about 1700 for down, 2400 for gate/up)
+/// and the register-fed one elsewhere; `stream_registers` forces the register-fed one (same
+/// results, bit for bit).
 enum class grouped_gemm_path { automatic, stream, mma, wgmma, stream_registers };
 
 /// Scratch the grouped GEMMs need: none (each block scans the offsets itself).

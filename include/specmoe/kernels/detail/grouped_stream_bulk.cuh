@@ -158,7 +158,7 @@ __device__ __forceinline__ void consume_item(item const& t, int K, int N, unsign
         for (int i = 0; i < rows_per_warp; ++i)
 #pragma unroll
           for (int j = 0; j < NMAT; ++j) {
-            // an invalid row reads its band neighbour's (stale) slot; its sums are never stored
+            // an invalid row (past N) reads a slot not copied this unit; its sums are never stored
             int const row = warp * rows_per_warp + i;
             unpack8(*reinterpret_cast<uint4 const*>(w + (j * band_rows + row) * KC + k), wf[i][j]);
           }
@@ -324,40 +324,56 @@ inline int sm90_multiprocessors() {
   return v - 1;
 }
 
-/// Whether this binary holds the kernel's sm_90 body, and the dynamic shared memory it may use.
+/// The dynamic shared memory the kernel may use on the current device: the opt-in limit less its
+/// static part, or 0 where this binary holds no sm_90 body for it (a pre-sm_90 target compiles an
+/// empty kernel); queried once.
 template <int NMAT, class OutT>
-bool fits(int G) {
-  static std::size_t const max_dynamic = [] {
+std::size_t max_dynamic_smem() {
+  static std::size_t const bytes = [] {
     cudaFuncAttributes attr{};
     int dev = 0, optin = 0;
     if (cudaFuncGetAttributes(&attr, grouped_stream_bulk_kernel<NMAT, OutT>) != cudaSuccess || cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      (void)cudaGetLastError();  // not this launch's error: the caller falls back
       return std::size_t{0};
     }
-    if (attr.numRegs < 16) return std::size_t{0};  // the empty body of a pre-sm_90 target
+    if (attr.ptxVersion < 90) return std::size_t{0};  // compiled for an older target (an empty body)
     return static_cast<std::size_t>(optin) > attr.sharedSizeBytes ? static_cast<std::size_t>(optin) - attr.sharedSizeBytes
                                                                    : std::size_t{0};
   }();
-  return smem_bytes<NMAT>(G) <= max_dynamic;
+  return bytes;
 }
 
-/// Launches the kernel when it can run here (sm_90 device and body, G small enough for its shared
-/// memory, 16-byte aligned weight rows); returns false, launching nothing, otherwise.
+/// Whether try_launch runs the kernel for G groups on the current device (sm_90 device and body,
+/// G small enough for its shared memory: up to about 1700 groups for down, 2400 for gate/up).
+template <int NMAT, class OutT>
+bool runs(int G) {
+  return sm90_multiprocessors() > 0 && smem_bytes<NMAT>(G) <= max_dynamic_smem<NMAT, OutT>();
+}
+
+/// Launches the kernel where runs(G); returns false, launching nothing, otherwise (the caller
+/// falls back to the register-fed kernel). Weight rows must be 16-byte aligned (not checkable
+/// here: the pointers live on the device), as for the register-fed kernel.
 template <int NMAT, class OutT>
 bool try_launch(bf16 const* a, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G, std::int64_t M_total,
                 bf16 const* const* w0, bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream,
                 cudaError_t& err) {
+  if (!runs<NMAT, OutT>(G)) return false;
   int const sms = sm90_multiprocessors();
-  if (sms <= 0 || !fits<NMAT, OutT>(G)) return false;
-  auto const bytes = static_cast<int>(smem_bytes<NMAT>(G));
-  err = detail::allow_dynamic_smem(reinterpret_cast<void const*>(grouped_stream_bulk_kernel<NMAT, OutT>), bytes);
-  if (err != cudaSuccess) return true;
+  auto const bytes = smem_bytes<NMAT>(G);
+  // The attribute is set once, to the most the kernel may use: a per-G value would leave the
+  // limit at a smaller G's size for a later launch with more groups.
+  if (detail::allow_dynamic_smem(reinterpret_cast<void const*>(grouped_stream_bulk_kernel<NMAT, OutT>),
+                                 static_cast<int>(max_dynamic_smem<NMAT, OutT>())) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
   // at most sum_g ceil(rows_g / chunk_rows) <= M_total / chunk_rows + min(G, M_total) items a band
   std::int64_t const active = M_total < G ? M_total : G;
   std::int64_t const bands = (N + band_rows - 1) / band_rows;
   std::int64_t const items = (M_total / chunk_rows + active) * bands;
   auto const grid = static_cast<unsigned>(items < sms ? items : sms);
-  grouped_stream_bulk_kernel<NMAT, OutT><<<grid, threads, static_cast<std::size_t>(bytes), stream>>>(a, slots, top_k, offsets, G, w0, w1,
+  grouped_stream_bulk_kernel<NMAT, OutT><<<grid, threads, bytes, stream>>>(a, slots, top_k, offsets, G, w0, w1,
                                                                                                       ld, K, N, out);
   err = cudaGetLastError();
   return true;
