@@ -720,6 +720,15 @@ inline bool grouped_gemm_streams(int G, std::int64_t M_total, int N, int nmat, g
   return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, N, nmat, wgmma_ok) == grouped_gemm_path::stream;
 }
 
+/// Whether a layer should fold its gather into gate/up (launch_grouped_gate_up_swiglu_gathered)
+/// for these sizes: where the automatic choice streams and the stream is the bulk-copy kernel,
+/// whose producer warp copies the rows through the slots. The register-fed kernel reading rows
+/// through the slots was measured slower than gather + gate/up at 16 tokens (docs/benchmarks.md,
+/// issue 4, fifth run), so there the layer keeps its gather.
+inline bool grouped_gate_up_gather_pays(int G, std::int64_t M_total, int F, grouped_weight_maps const* maps) {
+  return grouped_gemm_streams(G, M_total, F, 2, maps) && stream_bulk_detail::runs<2, __nv_bfloat16>(G);
+}
+
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row
 /// stride ld. h [M_total, F] bf16, y [M_total, N_out] bf16. `maps` (optional):
 /// grouped_weight_maps(w_down, G, N_out, F, ld), which enables the wgmma path.

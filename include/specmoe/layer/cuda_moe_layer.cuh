@@ -272,11 +272,11 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
       bool const own_tables = !options_.expert_tables;
       auto const* gate_up_maps = own_tables ? &gate_up_maps_ : nullptr;
-      // Decode sizes stream the weights, and the stream kernels read x's rows through the
-      // layout's slots: no gather launch (its rows would be read once more anyway).
+      // Decode sizes stream the weights; where the bulk-copy kernel does, it copies x's rows
+      // through the layout's slots: no gather launch (kernels::grouped_gate_up_gather_pays).
       bool gathered_in_gemm = false;
       if constexpr (!fp32) {
-        if (kernels::grouped_gemm_streams(E, rows, config_.ffn_size, 2, gate_up_maps)) {
+        if (kernels::grouped_gate_up_gather_pays(E, rows, config_.ffn_size, gate_up_maps)) {
           SPECMOE_CUDA_TRY(kernels::launch_grouped_gate_up_swiglu_gathered(x, layout_.sorted_slots, k, layout_.offsets, E, rows,
                                                                            gate_table_, up_table_, gate_up_ld_, H,
                                                                            config_.ffn_size, h_, stream,
