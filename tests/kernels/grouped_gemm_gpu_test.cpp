@@ -387,6 +387,19 @@ std::vector<problem> problems() {
   };
 }
 
+/// problems() and decode shapes for the stream kernels: one token's 8 groups of 128, 16 tokens' 1-2
+/// rows a group, a long k in few groups; then G up, down and up again (the bulk kernel's
+/// shared-memory limit must not stay at a smaller G's size).
+std::vector<problem> stream_problems() {
+  auto p = problems();
+  p.push_back({128, 8, 8, 2048, 768, 2048, sizes_kind::random, true});
+  p.push_back({128, 128, 128, 2048, 768, 2048, sizes_kind::with_empty, false});
+  p.push_back({8, 2, 2, 4096, 1024, 4096, sizes_kind::random, true});
+  p.push_back({16, 16, 16, 256, 128, 256, sizes_kind::random, true});
+  p.push_back({128, 64, 64, 256, 128, 256, sizes_kind::with_empty, true});
+  return p;
+}
+
 /// The wgmma path runs on sm_90 devices only (and needs an sm_90a build, which the tests are).
 bool device_is_sm90() {
   int dev = 0, major = 0, minor = 0;
@@ -438,14 +451,7 @@ TEST_CASE("grouped_gemm: the bulk-copy and the register-fed stream kernels give 
   int dev_count = 0;
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
   std::mt19937_64 rng(99);
-  auto problems_here = problems();
-  // decode shapes: one token's 8 groups of 128, 16 tokens' 1-2 rows a group, a long k in few groups
-  problems_here.push_back({128, 8, 8, 2048, 768, 2048, sizes_kind::random, true});
-  problems_here.push_back({128, 128, 128, 2048, 768, 2048, sizes_kind::with_empty, false});
-  problems_here.push_back({8, 2, 2, 4096, 1024, 4096, sizes_kind::random, true});
-  // G up, down, up again: the kernel's shared-memory limit must not stay at a smaller G's size
-  problems_here.push_back({16, 16, 16, 256, 128, 256, sizes_kind::random, true});
-  problems_here.push_back({128, 64, 64, 256, 128, 256, sizes_kind::with_empty, true});
+  auto const problems_here = stream_problems();
   bool const sm90 = device_is_sm90();
   int bulk_runs = 0;
   for (auto const& pr : problems_here) {
@@ -485,8 +491,7 @@ TEST_CASE("grouped_gemm: gate_up with the gather folded in equals gather then ga
   int dev_count = 0;
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
   std::mt19937_64 rng(5);
-  auto problems_here = problems();
-  problems_here.push_back({128, 8, 8, 2048, 768, 2048, sizes_kind::random, true});
+  auto const problems_here = stream_problems();
   int streamed_automatic = 0;
   for (auto const& pr : problems_here) {
     for (int top_k : {1, 3}) {

@@ -41,6 +41,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <specmoe/kernels/detail/grouped_stream_bulk.cuh>
+#include <specmoe/kernels/detail/lane_math.cuh>
 #include <specmoe/kernels/detail/grouped_wgmma.cuh>
 
 #include <cstddef>
@@ -162,14 +163,10 @@ inline constexpr int threads = 256;  // both kernels: 8 warps
 // ------------------------------------------------------------------------------------------
 // small device helpers
 // ------------------------------------------------------------------------------------------
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
-__device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
-}
-__device__ __forceinline__ void store_pair(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
-__device__ __forceinline__ void store_one(bf16* p, float a) { *p = __float2bfloat16_rn(a); }
-__device__ __forceinline__ void store_one(float* p, float a) { *p = a; }
+using detail::silu_mul;
+using detail::store_one;
+using detail::store_pair;
+using detail::unpack8;
 
 __device__ __forceinline__ uint4 load_stream(void const* p) {
   uint4 r;
@@ -177,16 +174,6 @@ __device__ __forceinline__ uint4 load_stream(void const* p) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
-}
-
-__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
-  auto const* h = reinterpret_cast<__nv_bfloat162 const*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 const t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, void const* gmem, bool valid) {

@@ -22,8 +22,9 @@
 #include <cub/block/block_scan.cuh>
 
 #include <specmoe/kernels/detail/kernel_attributes.cuh>
+#include <specmoe/kernels/detail/lane_math.cuh>
+#include <specmoe/kernels/detail/sm90_async.cuh>
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -61,45 +62,16 @@ constexpr std::size_t smem_bytes(int G) {
 }
 
 #if SPECMOE_STREAM_BULK_DEVICE
-__device__ __forceinline__ std::uint32_t smem_u32(void const* p) { return static_cast<std::uint32_t>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void mbar_init(std::uint32_t bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
-  std::uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-/// `bytes` (a multiple of 16) from global to shared memory, completing on bar's transaction count.
-__device__ __forceinline__ void bulk_load(std::uint32_t dst, void const* src, std::uint32_t bytes, std::uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst), "l"(src),
-               "r"(bytes), "r"(bar)
-               : "memory");
-}
+using kernels::detail::bulk_load;
+using kernels::detail::mbar_arrive;
+using kernels::detail::mbar_expect_tx;
+using kernels::detail::mbar_init;
+using kernels::detail::mbar_wait;
+using kernels::detail::smem_u32;
 
-__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
-  auto const* h = reinterpret_cast<__nv_bfloat162 const*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 const t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-__device__ __forceinline__ void store_one(bf16* p, float a) { *p = __float2bfloat16_rn(a); }
-__device__ __forceinline__ void store_one(float* p, float a) { *p = a; }
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+using kernels::detail::silu_mul;
+using kernels::detail::store_one;
+using kernels::detail::unpack8;
 
 /// One item of the walk: rows m0 .. m0 + rows - 1 of group g against output rows n0 .. n0 + 15.
 struct item {
@@ -306,24 +278,6 @@ __global__ void __launch_bounds__(threads, 1)
 #endif
 }
 
-/// Multiprocessors of the current device if it is an sm_90 part, else 0; queried once per device.
-inline int sm90_multiprocessors() {
-  static std::atomic<int> cache[64] = {};  // 1 + value; 0: not asked yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0, sms = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      return 0;
-    }
-    v = 1 + (major == 9 ? sms : 0);
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v - 1;
-}
-
 /// The dynamic shared memory the kernel may use on the current device: the opt-in limit less its
 /// static part, or 0 where this binary holds no sm_90 body for it (a pre-sm_90 target compiles an
 /// empty kernel); queried once.
@@ -348,7 +302,7 @@ std::size_t max_dynamic_smem() {
 /// G small enough for its shared memory: up to about 1700 groups for down, 2400 for gate/up).
 template <int NMAT, class OutT>
 bool runs(int G) {
-  return sm90_multiprocessors() > 0 && smem_bytes<NMAT>(G) <= max_dynamic_smem<NMAT, OutT>();
+  return kernels::detail::hopper_sms() > 0 && smem_bytes<NMAT>(G) <= max_dynamic_smem<NMAT, OutT>();
 }
 
 /// Launches the kernel where runs(G); returns false, launching nothing, otherwise (the caller
@@ -359,7 +313,7 @@ bool try_launch(bf16 const* a, std::int32_t const* slots, int top_k, std::int64_
                 bf16 const* const* w0, bf16 const* const* w1, std::int64_t ld, int K, int N, OutT* out, cudaStream_t stream,
                 cudaError_t& err) {
   if (!runs<NMAT, OutT>(G)) return false;
-  int const sms = sm90_multiprocessors();
+  int const sms = kernels::detail::hopper_sms();
   auto const bytes = smem_bytes<NMAT>(G);
   // The attribute is set once, to the most the kernel may use: a per-G value would leave the
   // limit at a smaller G's size for a later launch with more groups.

@@ -30,8 +30,9 @@
 #include <cub/block/block_scan.cuh>
 
 #include <specmoe/kernels/detail/kernel_attributes.cuh>
+#include <specmoe/kernels/detail/lane_math.cuh>
+#include <specmoe/kernels/detail/sm90_async.cuh>
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -83,27 +84,11 @@ constexpr std::size_t smem_bytes(int G, std::int64_t bands) {
 }
 
 #if SPECMOE_GROUPED_WGMMA_DEVICE
-__device__ __forceinline__ std::uint32_t smem_u32(void const* p) { return static_cast<std::uint32_t>(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void mbar_init(std::uint32_t bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
-  std::uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
+using kernels::detail::mbar_arrive;
+using kernels::detail::mbar_expect_tx;
+using kernels::detail::mbar_init;
+using kernels::detail::mbar_wait;
+using kernels::detail::smem_u32;
 
 /// TMA: box (c0 = k, c1 = row) of `map` into shared memory at dst, completing on bar.
 __device__ __forceinline__ void tma_load(std::uint32_t dst, CUtensorMap const* map, std::uint32_t bar, int c0, int c1) {
@@ -170,9 +155,8 @@ __device__ __forceinline__ void fence_acc(float (&d)[128]) {
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-__device__ __forceinline__ void store2(bf16* p, float a, float b) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b); }
-__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+using kernels::detail::silu_mul;
+using kernels::detail::store_pair;
 
 struct tile {
   std::int64_t m0;  // first row
@@ -421,7 +405,7 @@ __global__ void __launch_bounds__(threads, 1)
             for (int j = 0; j < 16; ++j) {
               int const col = t.n0 + 8 * j + c;
               if (col < N) {
-                store2(orow + col, silu_mul(acc[4 * j + 2 * half], acc[4 * (j + 16) + 2 * half]),
+                store_pair(orow + col, silu_mul(acc[4 * j + 2 * half], acc[4 * (j + 16) + 2 * half]),
                        silu_mul(acc[4 * j + 2 * half + 1], acc[4 * (j + 16) + 2 * half + 1]));
               }
             }
@@ -429,7 +413,7 @@ __global__ void __launch_bounds__(threads, 1)
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
               int const col = t.n0 + 8 * j + c;
-              if (col < N) store2(orow + col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+              if (col < N) store_pair(orow + col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
             }
           }
         }
@@ -478,24 +462,7 @@ inline cudaError_t encode_rows(CUtensorMap& map, void const* base, std::uint64_t
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-/// Multiprocessors of the current device if it is an sm_90 (Hopper) part, else 0; queried once per device.
-inline int hopper_sms() {
-  static std::atomic<int> cache[64] = {};  // 1 + value; 0: not asked yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0, minor = 0, sms = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      return 0;
-    }
-    v = 1 + (major == 9 && minor == 0 ? sms : 0);
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v - 1;
-}
+using kernels::detail::hopper_sms;
 
 /// Once per kernel instance: whether this binary holds its sm_90a body, and the largest dynamic
 /// shared memory it may use (the opt-in limit less its static part).
