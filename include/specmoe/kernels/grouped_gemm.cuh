@@ -163,10 +163,12 @@ inline constexpr int threads = 256;  // both kernels: 8 warps
 // ------------------------------------------------------------------------------------------
 // small device helpers
 // ------------------------------------------------------------------------------------------
+using detail::accumulate_row;
 using detail::silu_mul;
 using detail::store_one;
 using detail::store_pair;
 using detail::unpack8;
+using detail::warp_reduce_store;
 
 __device__ __forceinline__ uint4 load_stream(void const* p) {
   uint4 r;
@@ -250,40 +252,10 @@ __device__ __forceinline__ void stream_rows(bf16 const* __restrict__ a, std::int
     for (int r = 0; r < R; ++r) {
       float xf[8];
       unpack8(__ldg(reinterpret_cast<uint4 const*>(xrow[r] + k)), xf);
-#pragma unroll
-      for (int i = 0; i < stream_rpw; ++i)
-#pragma unroll
-        for (int j = 0; j < NMAT; ++j)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[i][j][r] = fmaf(wf[i][j][e], xf[e], acc[i][j][r]);
+      accumulate_row(acc, wf, xf, r);
     }
   }
-#pragma unroll
-  for (int i = 0; i < stream_rpw; ++i)
-#pragma unroll
-    for (int j = 0; j < NMAT; ++j)
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int s = 16; s > 0; s >>= 1) acc[i][j][r] += __shfl_xor_sync(0xffffffffu, acc[i][j][r], s);
-      }
-  // lane r writes row r (R <= 8 <= 32)
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (lane == r && r < rows) {
-#pragma unroll
-      for (int i = 0; i < stream_rpw; ++i) {
-        if (!nvalid[i]) continue;
-        float v;
-        if constexpr (NMAT == 2) {
-          v = silu_mul(acc[i][0][r], acc[i][1][r]);
-        } else {
-          v = acc[i][0][r];
-        }
-        store_one(out + (m0 + r) * ldo + n_first + i, v);
-      }
-    }
-  }
+  warp_reduce_store(acc, rows, nvalid, m0, n_first, out, ldo);
 }
 
 /// Rows mb .. me-1 of one group in chunks of up to CH (1 or 8) rows: each chunk streams the warp's
@@ -371,7 +343,9 @@ inline constexpr int stream_min_blocks = NMAT == 2 || LONG_K ? 2 : 3;
 template <int NMAT, bool LONG_K>
 inline constexpr int stream_unroll = NMAT == 1 && LONG_K ? 4 : 2;
 
-template <int NMAT, class OutT, bool LONG_K>
+/// GATHER: A rows through `slots` (gate/up with the gather folded in); a separate instance, so the
+/// plain kernels keep their registers (the runtime choice spilled 80 bytes in down).
+template <int NMAT, class OutT, bool LONG_K, bool GATHER = false>
 __global__ void __launch_bounds__(threads, (stream_min_blocks<NMAT, LONG_K>))
     grouped_stream_kernel(bf16 const* __restrict__ a, std::int32_t const* __restrict__ slots, int top_k,
                           std::int64_t const* __restrict__ offsets, int G, bf16 const* const* __restrict__ w0,
@@ -384,7 +358,8 @@ __global__ void __launch_bounds__(threads, (stream_min_blocks<NMAT, LONG_K>))
   bf16 const* wrow[stream_rpw][NMAT];
   bool nvalid[stream_rpw];
   warp_weight_rows<NMAT>(w0, w1, g, ld, n_first, N, wrow, nvalid);
-  stream_group<NMAT, 8, OutT, stream_unroll<NMAT, LONG_K>>(a, slots, top_k, offsets[g], offsets[g + 1], wrow, nvalid, n_first, K, out,
+  stream_group<NMAT, 8, OutT, stream_unroll<NMAT, LONG_K>>(a, GATHER ? slots : nullptr, top_k, offsets[g], offsets[g + 1], wrow, nvalid,
+                                                          n_first, K, out,
                                                           static_cast<std::int64_t>(N));
 }
 
@@ -638,17 +613,17 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
     std::int64_t const slots = M_total < G ? M_total : G;
     dim3 const grid(static_cast<unsigned>((N + stream_rows_per_block - 1) / stream_rows_per_block), static_cast<unsigned>(slots));
     if (slots > 65535) return cudaErrorInvalidValue;
-    bool launched = false;
-    if constexpr (NMAT == 1) {
-      if (K >= stream_long_k) {
-        grouped_stream_kernel<NMAT, OutT, true>
+    if (gather.slots) {
+      if constexpr (NMAT == 2) {
+        grouped_stream_kernel<NMAT, OutT, false, true>
             <<<grid, threads, 0, stream>>>(a, gather.slots, gather.top_k, offsets, G, w0, w1, ld, K, N, out);
-        launched = true;
+      } else {
+        return cudaErrorInvalidValue;  // (only gate/up folds the gather)
       }
-    }
-    if (!launched) {
-      grouped_stream_kernel<NMAT, OutT, false>
-          <<<grid, threads, 0, stream>>>(a, gather.slots, gather.top_k, offsets, G, w0, w1, ld, K, N, out);
+    } else if (NMAT == 1 && K >= stream_long_k) {
+      grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, nullptr, 1, offsets, G, w0, w1, ld, K, N, out);
+    } else {
+      grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, nullptr, 1, offsets, G, w0, w1, ld, K, N, out);
     }
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;

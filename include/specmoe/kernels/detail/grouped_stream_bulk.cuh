@@ -69,9 +69,9 @@ using kernels::detail::mbar_init;
 using kernels::detail::mbar_wait;
 using kernels::detail::smem_u32;
 
-using kernels::detail::silu_mul;
-using kernels::detail::store_one;
+using kernels::detail::accumulate_row;
 using kernels::detail::unpack8;
+using kernels::detail::warp_reduce_store;
 
 /// One item of the walk: rows m0 .. m0 + rows - 1 of group g against output rows n0 .. n0 + 15.
 struct item {
@@ -139,44 +139,14 @@ __device__ __forceinline__ void consume_item(item const& t, int K, int N, unsign
           float xf[8];
           int const xr = r < t.rows ? r : 0;
           unpack8(*reinterpret_cast<uint4 const*>(x + xr * KC + k), xf);
-#pragma unroll
-          for (int i = 0; i < rows_per_warp; ++i)
-#pragma unroll
-            for (int j = 0; j < NMAT; ++j)
-#pragma unroll
-              for (int e = 0; e < 8; ++e) acc[i][j][r] = fmaf(wf[i][j][e], xf[e], acc[i][j][r]);
+          accumulate_row(acc, wf, xf, r);
         }
       }
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty0 + 8 * s);  // this warp is done with the stage
   }
-  if (!valid[0]) return;
-#pragma unroll
-  for (int i = 0; i < rows_per_warp; ++i)
-#pragma unroll
-    for (int j = 0; j < NMAT; ++j)
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int sh = 16; sh > 0; sh >>= 1) acc[i][j][r] += __shfl_xor_sync(0xffffffffu, acc[i][j][r], sh);
-      }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (lane == r && r < t.rows) {
-#pragma unroll
-      for (int i = 0; i < rows_per_warp; ++i) {
-        if (!valid[i]) continue;
-        float v;
-        if constexpr (NMAT == 2) {
-          v = silu_mul(acc[i][0][r], acc[i][1][r]);
-        } else {
-          v = acc[i][0][r];
-        }
-        store_one(out + (t.m0 + r) * static_cast<std::int64_t>(N) + n_first + i, v);
-      }
-    }
-  }
+  if (valid[0]) warp_reduce_store(acc, t.rows, valid, t.m0, n_first, out, static_cast<std::int64_t>(N));
 }
 #endif  // SPECMOE_STREAM_BULK_DEVICE
 
