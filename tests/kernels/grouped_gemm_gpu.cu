@@ -54,6 +54,13 @@ cudaError_t gate_up_gathered(void const* x, std::int32_t const* slots, int top_k
 bool stream_bulk_runs(int G, int nmat) {
   return nmat == 2 ? sk::stream_bulk_detail::runs<2, dbf16>(G) : sk::stream_bulk_detail::runs<1, dbf16>(G);
 }
+bool stream_bulk_launched_for(int G, int nmat) {
+  cudaFuncAttributes attr{};
+  cudaError_t const e = nmat == 2 ? cudaFuncGetAttributes(&attr, sk::stream_bulk_detail::grouped_stream_bulk_kernel<2, dbf16>)
+                                  : cudaFuncGetAttributes(&attr, sk::stream_bulk_detail::grouped_stream_bulk_kernel<1, dbf16>);
+  auto const need = nmat == 2 ? sk::stream_bulk_detail::smem_bytes<2>(G) : sk::stream_bulk_detail::smem_bytes<1>(G);
+  return e == cudaSuccess && static_cast<std::size_t>(attr.maxDynamicSharedSizeBytes) >= need;
+}
 bool gemm_streams(int G, std::int64_t M_total, int N, int nmat, weight_maps const* maps) {
   return sk::grouped_gemm_streams(G, M_total, N, nmat, raw(maps));
 }

@@ -36,6 +36,11 @@ cudaError_t gate_up_gathered(void const* x, std::int32_t const* slots, int top_k
                              void* h, cudaStream_t stream, path p, weight_maps const* maps);
 /// Whether `stream` runs the bulk-copy kernel for G groups here (gate/up: nmat 2; down: 1, bf16 out).
 bool stream_bulk_runs(int G, int nmat);
+/// Whether the bulk-copy kernel (gate/up: nmat 2; down: 1, bf16 out) may take G groups' shared
+/// memory on this device: true only once its launch path has set the attribute, right before its
+/// first launch in this process (evidence that the path was taken, not only that it could be; the
+/// attribute then stays set, so later calls prove no more than the first).
+bool stream_bulk_launched_for(int G, int nmat);
 /// specmoe::kernels::grouped_gemm_streams.
 bool gemm_streams(int G, std::int64_t M_total, int N, int nmat, weight_maps const* maps);
 cudaError_t down(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, void const* const* w_down, std::int64_t ld,

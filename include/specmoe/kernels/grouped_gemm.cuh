@@ -590,12 +590,12 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   }
   if (maps && maps->status() != cudaSuccess) maps = nullptr;  // unusable: as if absent
   if (maps && !maps->fits(G, NMAT, N, K, ld)) return cudaErrorInvalidValue;
-  if (M_total == 0) return cudaSuccess;
   constexpr bool swiglu = NMAT == 2;
-  bool const wgmma_ok = maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
+  bool const wgmma_ok = M_total > 0 && maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
   grouped_gemm_path const chosen = choose(path, G, M_total, N, NMAT, wgmma_ok);
   bool const streams = chosen == grouped_gemm_path::stream || chosen == grouped_gemm_path::stream_registers;
   if (gather.slots && !streams) return cudaErrorInvalidValue;  // the tiled paths read A rows in place
+  if (M_total == 0) return cudaSuccess;
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
@@ -620,10 +620,17 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
       } else {
         return cudaErrorInvalidValue;  // (only gate/up folds the gather)
       }
-    } else if (NMAT == 1 && K >= stream_long_k) {
-      grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, nullptr, 1, offsets, G, w0, w1, ld, K, N, out);
     } else {
-      grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, nullptr, 1, offsets, G, w0, w1, ld, K, N, out);
+      bool launched = false;
+      if constexpr (NMAT == 1) {  // (no gate/up instance of the long-k kernel)
+        if (K >= stream_long_k) {
+          grouped_stream_kernel<NMAT, OutT, true><<<grid, threads, 0, stream>>>(a, nullptr, 1, offsets, G, w0, w1, ld, K, N, out);
+          launched = true;
+        }
+      }
+      if (!launched) {
+        grouped_stream_kernel<NMAT, OutT, false><<<grid, threads, 0, stream>>>(a, nullptr, 1, offsets, G, w0, w1, ld, K, N, out);
+      }
     }
   } else {
     auto const kernel = grouped_mma_kernel<swiglu, OutT>;
