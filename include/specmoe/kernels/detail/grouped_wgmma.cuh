@@ -6,7 +6,8 @@
 // fixed stride per block the blocks drifted apart over many tiles and a DeepSeek-V3 shape read
 // 2.4x its bytes from HBM). Warp-specialised:
 // warpgroup 0 (one thread) issues TMA loads, warpgroups 1 and 2 each own 64 rows of a 128 x 256
-// tile and run wgmma.m64n256k16 (fp32 accumulators in registers) on 128B-swizzled shared memory.
+// tile and run wgmma.m64n256k16 (fp32 accumulators in registers) on 128B-swizzled shared memory;
+// on a tile of at most 64 rows (a group's padded last tile) the second one sits out.
 // 4 stages of (A 128x64, B 256x64) bf16 = 192 KiB, a full and an empty mbarrier per stage; the
 // producer runs ahead into the next tile while the consumers store the last one.
 // Staged epilogue (bf16 out, N % 8 == 0): 3 stages, and the consumers write their tile to shared
@@ -54,6 +55,9 @@ inline constexpr int box_rows = 128;                      // one TMA box: 64 k x
 inline constexpr int box_bytes = box_rows * bk * 2;
 inline constexpr int a_bytes = bm * bk * 2;               // 16 KiB
 inline constexpr int stage_bytes = a_bytes + bn * bk * 2;  // 48 KiB
+/// Set in a stage's tile slot (bit 40: the walk has fewer than 2^31 tiles) when the tile has at
+/// most 64 rows, so the second consumer warpgroup owns none of them.
+inline constexpr long long half_tile_mark = 1LL << 40;
 inline constexpr int min_real_regs = 64;                  // the real kernel needs ~168; the stub a few
 
 /// Stages of the ring: the staged epilogue gives one up for its tile buffer.
@@ -302,7 +306,9 @@ __global__ void __launch_bounds__(threads, 1)
           mbar_wait(empty0 + 8 * stage, phase ^ 1u);
           std::uint32_t const fb = full0 + 8 * stage;
           std::uint32_t const s = base + stage * stage_bytes;
-          if (kt == 0) slot[stage] = lin;  // published by the arrive below
+          // published by the arrive below; a tile of at most 64 rows (a group's last) is marked so
+          // that the second warpgroup, which owns none of them, leaves the tensor cores to the first
+          if (kt == 0) slot[stage] = t.mrows <= 64 ? lin | half_tile_mark : lin;
           mbar_expect_tx(fb, bytes);
           tma_load(s, &a_map, fb, kt * bk, static_cast<int>(t.m0));
           tma_load(s + a_bytes, m0, fb, kt * bk, t.n0);
@@ -333,8 +339,22 @@ __global__ void __launch_bounds__(threads, 1)
     std::uint32_t phase = 0;
     while (true) {
       mbar_wait(full0 + 8 * stage, phase);  // k tile 0 of the next tile, or the end mark
-      long long const lin = slot[stage];
-      if (lin < 0) break;
+      long long const marked = slot[stage];
+      if (marked < 0) break;
+      if (wg == 2 && (marked & half_tile_mark) != 0) {
+        // none of this tile's rows is ours: free each stage as it arrives (the first warpgroup's
+        // wgmmas then run alone, at up to twice the rate: a padded last tile costs half a tile)
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          if (kt > 0) mbar_wait(full0 + 8 * stage, phase);
+          if (lane == 0) mbar_arrive(empty0 + 8 * stage);
+          if (++stage == stages) {
+            stage = 0;
+            phase ^= 1u;
+          }
+        }
+        continue;
+      }
+      long long const lin = marked & ~half_tile_mark;
       tile t{};  // found while the first k tile's wgmmas run: only the epilogue needs it
       int prev = 0;
       for (int kt = 0; kt < k_tiles; ++kt) {
