@@ -13,6 +13,9 @@
 //           kernel, forced) |
 //           cublas (one cublasGemmEx per non-empty expert with host-known counts; gate_up without
 //           the SwiGLU)
+// Also <shape>/gate_up/gathered|gather_then/tokens:<t>: gate/up reading token-order rows through
+//   the routing's slots, the gather folded into the GEMM (where grouped_gate_up_gather_pays; an
+//   error row elsewhere) against the gather kernel and then gate/up (the layer's two ways).
 // Also <shape>/ffn/chain|fused|fused_chunk8/tokens:<t> (shapes with F <= 2048): the whole decode
 //   FFN, kernels/decode_expert_ffn.cuh in one launch (rows one at a time, or in chunks of 8)
 //   against the two GEMMs (automatic paths);
@@ -28,6 +31,7 @@
 
 #include <specmoe/kernels/decode_expert_ffn.cuh>
 #include <specmoe/kernels/grouped_gemm.cuh>
+#include <specmoe/kernels/permute.cuh>
 
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
@@ -139,6 +143,8 @@ struct case_data {
   bf16* h = nullptr;
   bf16* y = nullptr;
   bf16* gu = nullptr;  // cuBLAS gate_up output [M, 2F]
+  bf16* xt = nullptr;            // the tokens' rows in token order [tokens, H] (the gathered rows read them)
+  std::int32_t* slots = nullptr;  // the routing's slots (token * top_k + j), expert-major, as a layout sorts them
   int active = 0;
 };
 
@@ -154,6 +160,8 @@ case_data& get_case(shape const& s, int tokens) {
       cudaFree(c->h);
       cudaFree(c->y);
       cudaFree(c->gu);
+      cudaFree(c->xt);
+      cudaFree(c->slots);
       c.reset();
     }
   }
@@ -164,14 +172,22 @@ case_data& get_case(shape const& s, int tokens) {
   std::mt19937_64 rng(static_cast<std::uint64_t>(tokens) * 7919 + static_cast<std::uint64_t>(s.E));
   c->counts.assign(static_cast<std::size_t>(s.G), 0);
   std::vector<int> ids(static_cast<std::size_t>(s.E));
+  std::vector<std::vector<std::int32_t>> slots_of(static_cast<std::size_t>(s.G));
   for (int t = 0; t < tokens; ++t) {
     for (int e = 0; e < s.E; ++e) ids[static_cast<std::size_t>(e)] = e;
     for (int j = 0; j < s.top_k; ++j) {  // top_k distinct experts, uniform
       int const pick = j + static_cast<int>(rng() % static_cast<std::uint64_t>(s.E - j));
       std::swap(ids[static_cast<std::size_t>(j)], ids[static_cast<std::size_t>(pick)]);
-      if (ids[static_cast<std::size_t>(j)] < s.G) ++c->counts[static_cast<std::size_t>(ids[static_cast<std::size_t>(j)])];
+      int const e = ids[static_cast<std::size_t>(j)];
+      if (e < s.G) {
+        ++c->counts[static_cast<std::size_t>(e)];
+        slots_of[static_cast<std::size_t>(e)].push_back(t * s.top_k + j);
+      }
     }
   }
+  std::vector<std::int32_t> sorted_slots;
+  for (auto const& v : slots_of) sorted_slots.insert(sorted_slots.end(), v.begin(), v.end());
+  if (sorted_slots.empty()) sorted_slots.push_back(0);
   c->off.assign(static_cast<std::size_t>(s.G) + 1, 0);
   for (int g = 0; g < s.G; ++g) {
     c->off[static_cast<std::size_t>(g) + 1] = c->off[static_cast<std::size_t>(g)] + c->counts[static_cast<std::size_t>(g)];
@@ -186,6 +202,10 @@ case_data& get_case(shape const& s, int tokens) {
   CK(cudaMalloc(&c->gu, static_cast<std::size_t>(c->M) * 2 * s.F * 2));
   fill(c->x, static_cast<std::size_t>(c->M) * s.H, 99, 1.0f);
   fill(c->h, static_cast<std::size_t>(c->M) * s.F, 98, 1.0f);
+  CK(cudaMalloc(&c->xt, static_cast<std::size_t>(tokens) * s.H * 2));
+  CK(cudaMalloc(&c->slots, sorted_slots.size() * sizeof(std::int32_t)));
+  fill(c->xt, static_cast<std::size_t>(tokens) * s.H, 97, 1.0f);
+  CK(cudaMemcpy(c->slots, sorted_slots.data(), sorted_slots.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
   CK(cudaDeviceSynchronize());
   return *c;
 }
@@ -288,6 +308,38 @@ void run_case(benchmark::State& state, shape const& s, bool gate_up, impl which,
 
 void bench(benchmark::State& state, shape const* s, bool gate_up, impl which, int tokens) { run_case(state, *s, gate_up, which, tokens); }
 
+/// gate/up reading its rows from token-order x through the routing's slots: the gather folded in
+/// (launch_grouped_gate_up_swiglu_gathered, where grouped_gate_up_gather_pays) against the layer's
+/// other way, the gather kernel writing expert-major rows and then gate/up (automatic paths both).
+void bench_gathered(benchmark::State& state, shape const* sp, bool folded, int tokens) {
+  shape const& s = *sp;
+  weights& w = model_weights(s);
+  case_data& c = get_case(s, tokens);
+  if (folded && !sk::grouped_gate_up_gather_pays(s.G, c.M, s.F, &w.maps_up)) {
+    state.SkipWithError("the fold does not apply here (grouped_gate_up_gather_pays)");
+    return;
+  }
+  auto launch = [&] {
+    if (folded) {
+      CK(sk::launch_grouped_gate_up_swiglu_gathered(c.xt, c.slots, s.top_k, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream,
+                                                    sk::grouped_gemm_path::automatic, &w.maps_up));
+    } else {
+      CK(sk::launch_gather_rows(c.xt, s.H, s.H, c.slots, s.top_k, c.d_off + s.G, c.M, c.x, g_stream));
+      CK(sk::launch_grouped_gate_up_swiglu(c.x, c.d_off, s.G, c.M, w.pg, w.pu, s.H, s.H, s.F, c.h, g_stream,
+                                           sk::grouped_gemm_path::automatic, &w.maps_up));
+    }
+  };
+  double const mean_s = timed_launches(state, launch);
+  double const rows = static_cast<double>(c.off.back());
+  double const flops = 2.0 * rows * s.H * 2.0 * s.F;
+  double const wbytes = static_cast<double>(c.active) * s.H * 2.0 * s.F * 2.0;
+  double const abytes = rows * (s.H + s.F) * 2.0;  // the rows read once (from x) and h written
+  double const floor_s = std::max((wbytes + abytes) / g_hbm_bw, flops / g_gemm_rate);
+  state.counters["floor_us"] = floor_s * 1e6;
+  state.counters["floor_ratio"] = mean_s / floor_s;
+  state.counters["rows"] = rows;
+}
+
 /// The whole expert FFN of a decode step: the fused decode launch (kernels/decode_expert_ffn.cuh)
 /// or the chain of the two grouped GEMMs (automatic paths, as the layer launches them).
 /// chunk: 0 = the chain; 1 or 8 = the fused launch with rows in chunks of 1 or 8.
@@ -354,6 +406,14 @@ int main(int argc, char** argv) {
           std::string const name = std::string(s.name) + (gate_up ? "/gate_up/" : "/down/") + impl_name(which) + "/tokens:" + std::to_string(tokens);
           benchmark::RegisterBenchmark(name.c_str(), bench, &s, gate_up, which, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
         }
+      }
+    }
+  }
+  for (auto const& s : shapes) {  // gate/up with its gather folded in, beside gather then gate/up
+    for (int tokens : token_counts) {
+      for (bool folded : {false, true}) {
+        std::string const name = std::string(s.name) + "/gate_up/" + (folded ? "gathered" : "gather_then") + "/tokens:" + std::to_string(tokens);
+        benchmark::RegisterBenchmark(name.c_str(), bench_gathered, &s, folded, tokens)->UseManualTime()->Unit(benchmark::kMicrosecond);
       }
     }
   }

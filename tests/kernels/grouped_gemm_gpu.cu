@@ -83,6 +83,18 @@ cudaError_t gate_up_wgmma(void const* x, std::int64_t const* offsets, int G, std
   return w::launch<true, dbf16>(static_cast<dbf16 const*>(x), offsets, G, M_total, m.device_maps(0), m.device_maps(1), K, F,
                                 static_cast<dbf16*>(h), m.tile_counters(), nullptr, staged ? w::epilogue::staged : w::epilogue::direct);
 }
+cudaError_t gate_up_wgmma_gathered(void const* x, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G,
+                                  std::int64_t M_total, int K, int F, void* h, weight_maps const* maps, bool staged) {
+  namespace w = sk::wgmma_detail;
+  if (!w::can_launch_gathered(G, M_total)) return cudaErrorNotSupported;
+  auto const& m = maps->maps;
+  return w::launch<true, dbf16>(static_cast<dbf16 const*>(x), offsets, G, M_total, m.device_maps(0), m.device_maps(1), K, F,
+                                static_cast<dbf16*>(h), m.tile_counters(), nullptr, staged ? w::epilogue::staged : w::epilogue::direct,
+                                w::a_gather{slots, top_k});
+}
+bool gate_up_gather_pays(int G, std::int64_t M_total, int F, weight_maps const* maps) {
+  return sk::grouped_gate_up_gather_pays(G, M_total, F, raw(maps));
+}
 cudaError_t down_wgmma(void const* h, std::int64_t const* offsets, int G, std::int64_t M_total, int F, int N, void* y_bf16,
                        weight_maps const* maps, bool staged) {
   namespace w = sk::wgmma_detail;

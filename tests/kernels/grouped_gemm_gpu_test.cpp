@@ -489,12 +489,14 @@ TEST_CASE("grouped_gemm: the bulk-copy and the register-fed stream kernels give 
   }
 }
 
-TEST_CASE("grouped_gemm: gate_up with the gather folded in equals gather then gate_up, bit for bit") {
+TEST_CASE("grouped_gemm: gate_up with the gather folded in equals gather then gate_up, bit for bit, on every path") {
   int dev_count = 0;
   REQUIRE((cudaGetDeviceCount(&dev_count) == cudaSuccess && dev_count > 0));  // a GPU test: no GPU is a failure
   std::mt19937_64 rng(5);
+  bool const sm90 = device_is_sm90();
   auto const problems_here = stream_problems();
   int streamed_automatic = 0;
+  int wgmma_folded = 0;  // problems that ran the gathered wgmma kernel with the staged epilogue
   for (auto const& pr : problems_here) {
     for (int top_k : {1, 3}) {
       if (top_k == 3 && pr.M_total > 4096) continue;  // (the large problems once)
@@ -523,32 +525,56 @@ TEST_CASE("grouped_gemm: gate_up with the gather folded in equals gather then ga
                                          pr.F, fx.d_h.p, nullptr, pa, fx.maps_up.get());
       };
       std::vector<bf16> want(fx.d_h.n), got(fx.d_h.n);
-      for (auto const pa : {path::stream, path::stream_registers}) {
-        INFO("path=" << path_name(pa));
+      auto same_bits = [&](auto&& plain, auto&& folded) {
         fx.poison();
-        GG_CHECK(fx.gate_up(pa, nullptr));
+        GG_CHECK(plain());
         GG_CHECK(cudaMemcpy(want.data(), fx.d_h.p, want.size() * 2, cudaMemcpyDeviceToHost));
         fx.poison();
-        GG_CHECK(gathered(pa));
+        GG_CHECK(folded());
         GG_CHECK(cudaMemcpy(got.data(), fx.d_h.p, got.size() * 2, cudaMemcpyDeviceToHost));
         CHECK(std::memcmp(want.data(), got.data(), want.size() * 2) == 0);
+      };
+      for (auto const pa : {path::stream, path::stream_registers, path::wgmma}) {
+        if (pa == path::wgmma && !sm90) continue;
+        INFO("path=" << path_name(pa));
+        same_bits([&] { return fx.gate_up(pa, nullptr); }, [&] { return gathered(pa); });
       }
-      // the tiled paths read A in place: refused, nothing written
+      // the wgmma kernel's two epilogues, each forced, with one-row TMA boxes for A
+      for (bool const staged : {false, true}) {
+        if (!sm90) break;
+        INFO((staged ? "wgmma staged" : "wgmma direct"));
+        if (staged && fx.gate_up_wgmma(true) == cudaErrorNotSupported) continue;  // too many groups for its buffer
+        same_bits([&] { return fx.gate_up_wgmma(staged); },
+                  [&] {
+                    return gg_test::gate_up_wgmma_gathered(d_xt.p, d_slots.p, top_k, fx.d_off.p, pr.G, pr.M_total, pr.K, pr.F, fx.d_h.p,
+                                                           fx.maps_up.get(), staged);
+                  });
+        wgmma_folded += staged;
+      }
+      // the mma path reads A in place: refused, nothing written
       fx.poison();
       CHECK(gathered(path::mma) == cudaErrorInvalidValue);
       bool const streams = gg_test::gemm_streams(pr.G, pr.M_total, pr.F, 2, fx.maps_up.get());
-      CHECK(gathered(path::automatic) == (streams ? cudaSuccess : cudaErrorInvalidValue));
+      bool const folds = streams || sm90;  // (on sm_90 the automatic choice is a stream or the wgmma kernel)
+      if (sm90) CHECK(gg_test::gate_up_gather_pays(pr.G, pr.M_total, pr.F, fx.maps_up.get()) ==
+                      (!streams || gg_test::stream_bulk_runs(pr.G, 2)));
+      fx.poison();
+      GG_CHECK(fx.gate_up(path::automatic, nullptr));
+      GG_CHECK(cudaMemcpy(want.data(), fx.d_h.p, want.size() * 2, cudaMemcpyDeviceToHost));
+      fx.poison();
+      CHECK(gathered(path::automatic) == (folds ? cudaSuccess : cudaErrorInvalidValue));
       GG_CHECK(cudaDeviceSynchronize());
       GG_CHECK(cudaMemcpy(got.data(), fx.d_h.p, got.size() * 2, cudaMemcpyDeviceToHost));
-      if (streams) {
+      if (folds) {
         CHECK(std::memcmp(want.data(), got.data(), want.size() * 2) == 0);
-        ++streamed_automatic;
+        streamed_automatic += streams;
       } else {
         CHECK(std::all_of(got.begin(), got.end(), [](bf16 v) { return v.bits == 0xFFFF; }));
       }
     }
   }
   CHECK(streamed_automatic >= 4);  // the decode-sized problems take the fold automatically
+  if (sm90) CHECK(wgmma_folded >= 10);
 }
 
 TEST_CASE("grouped_gemm: launches captured in a CUDA graph give the same result") {

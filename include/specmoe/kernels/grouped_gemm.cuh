@@ -574,7 +574,7 @@ inline grouped_gemm_path choose(grouped_gemm_path p, int G, std::int64_t M_total
   return wgmma_ok ? grouped_gemm_path::wgmma : grouped_gemm_path::mma;
 }
 
-/// A operand rows gathered on the fly (stream paths only): row m is a[slots[m] / top_k].
+/// A operand rows gathered on the fly (the stream and wgmma paths): row m is a[slots[m] / top_k].
 struct row_gather {
   std::int32_t const* slots = nullptr;
   int top_k = 1;
@@ -594,13 +594,14 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   bool const wgmma_ok = M_total > 0 && maps && wgmma_detail::can_launch<swiglu, OutT>(G, M_total);
   grouped_gemm_path const chosen = choose(path, G, M_total, N, NMAT, wgmma_ok);
   bool const streams = chosen == grouped_gemm_path::stream || chosen == grouped_gemm_path::stream_registers;
-  if (gather.slots && !streams) return cudaErrorInvalidValue;  // the tiled paths read A rows in place
+  if (gather.slots && !streams && chosen != grouped_gemm_path::wgmma) return cudaErrorInvalidValue;  // the mma path reads A in place
   if (M_total == 0) return cudaSuccess;
   if (chosen == grouped_gemm_path::wgmma) {
     if (!maps) return cudaErrorInvalidValue;
     if (!wgmma_ok) return cudaErrorNotSupported;
     return wgmma_detail::launch<swiglu, OutT>(a, offsets, G, M_total, maps->device_maps(0), maps->device_maps(swiglu ? 1 : 0), K, N, out,
-                                              maps->tile_counters(), stream);
+                                              maps->tile_counters(), stream, wgmma_detail::epilogue::automatic,
+                                              wgmma_detail::a_gather{gather.slots, gather.top_k});
   }
   if (chosen == grouped_gemm_path::stream) {
     cudaError_t err = cudaSuccess;
@@ -664,11 +665,12 @@ inline cudaError_t launch_grouped_gate_up_swiglu(__nv_bfloat16 const* x, std::in
   return grouped_gemm_detail::launch<2>(x, offsets, G, M_total, w_gate, w_up, ld, K, F, h, stream, path, maps);
 }
 
-/// The same with the gather folded in (decode): row m of the A operand is x[slots[m] / top_k]
-/// (slots: a layout's sorted_slots; x [tokens, K] dense, in token order), so no expert-major copy
-/// of x is written first. The stream paths read their rows through `slots`; the tiled paths cannot,
-/// so with `automatic` this is valid only where grouped_gemm_streams(G, M_total, F, 2, maps) holds
-/// (cudaErrorInvalidValue, nothing launched, otherwise).
+/// The same with the gather folded in: row m of the A operand is x[slots[m] / top_k] (slots: a
+/// layout's sorted_slots; x [tokens, K] dense, in token order), so no expert-major copy of x is
+/// written first. The stream paths and the wgmma path read their rows through `slots`; the mma
+/// path cannot (cudaErrorInvalidValue, nothing launched), nor can the wgmma path where
+/// wgmma_detail::can_launch_gathered fails (cudaErrorNotSupported). A layer asks
+/// grouped_gate_up_gather_pays first.
 inline cudaError_t launch_grouped_gate_up_swiglu_gathered(__nv_bfloat16 const* x, std::int32_t const* slots, int top_k,
                                                           std::int64_t const* offsets, int G, std::int64_t M_total,
                                                           __nv_bfloat16 const* const* w_gate, __nv_bfloat16 const* const* w_up,
@@ -691,11 +693,16 @@ inline bool grouped_gemm_streams(int G, std::int64_t M_total, int N, int nmat, g
 
 /// Whether a layer should fold its gather into gate/up (launch_grouped_gate_up_swiglu_gathered)
 /// for these sizes: where the automatic choice streams and the stream is the bulk-copy kernel,
-/// whose producer warp copies the rows through the slots. The register-fed kernel reading rows
-/// through the slots was measured slower than gather + gate/up at 16 tokens (docs/benchmarks.md,
-/// issue 4, fifth run), so there the layer keeps its gather.
+/// whose producer warp copies the rows through the slots, and where it takes the wgmma kernel,
+/// whose producer warpgroup loads each row with its own TMA box. The register-fed kernel reading
+/// rows through the slots was measured slower than gather + gate/up at 16 tokens
+/// (docs/benchmarks.md, issue 4, fifth run), so there the layer keeps its gather.
 inline bool grouped_gate_up_gather_pays(int G, std::int64_t M_total, int F, grouped_weight_maps const* maps) {
-  return grouped_gemm_streams(G, M_total, F, 2, maps) && stream_bulk_detail::runs<2, __nv_bfloat16>(G);
+  if (grouped_gemm_streams(G, M_total, F, 2, maps)) return stream_bulk_detail::runs<2, __nv_bfloat16>(G);
+  if (maps && maps->status() != cudaSuccess) maps = nullptr;
+  bool const wgmma_ok = maps && wgmma_detail::can_launch<true, __nv_bfloat16>(G, M_total);
+  return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, F, 2, wgmma_ok) == grouped_gemm_path::wgmma &&
+         wgmma_detail::can_launch_gathered(G, M_total);
 }
 
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row

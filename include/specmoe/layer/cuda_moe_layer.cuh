@@ -272,8 +272,9 @@ class moe_layer<cuda_space, Predictor, Placement, Grouping, Prefetch, Comm> {
       // (caller tables: no tensor maps, so the automatic choice never takes the wgmma path)
       bool const own_tables = !options_.expert_tables;
       auto const* gate_up_maps = own_tables ? &gate_up_maps_ : nullptr;
-      // Decode sizes stream the weights; where the bulk-copy kernel does, it copies x's rows
-      // through the layout's slots: no gather launch (kernels::grouped_gate_up_gather_pays).
+      // Where gate/up runs the bulk-copy stream kernel (decode) or the wgmma kernel (Hopper), it
+      // reads x's rows through the layout's slots: no gather launch and no expert-major copy of x
+      // (kernels::grouped_gate_up_gather_pays).
       bool gathered_in_gemm = false;
       if constexpr (!fp32) {
         if (kernels::grouped_gate_up_gather_pays(E, rows, config_.ffn_size, gate_up_maps)) {

@@ -17,6 +17,11 @@
 // Tried and dropped: an L2 prefetch stream (cp.async.bulk.prefetch.tensor, 8 k tiles ahead, plus
 // prefetch.tensormap of the next tile) made every shape 2-3x slower on an H100.
 //
+// Gathered gate/up (GATHER): A's rows are token rows of x chosen through a layout's sorted slots
+// (row m is x[slots[m] / top_k]), so no expert-major copy of x is written first; the whole
+// producer warpgroup loads them, each thread one row a k tile (a one-row TMA box: the 128B swizzle
+// follows the shared-memory address, so a row lands where the 128-row box would have put it).
+//
 // A (activations, [M_total, K]) comes through one tensor map encoded at launch; the weights through
 // one tensor map per group and matrix, encoded once on the host (grouped_weight_maps). Rows past
 // M_total, columns past N and k past K are zero-filled by TMA; rows of the next group inside a tile
@@ -218,11 +223,14 @@ __device__ __forceinline__ tile locate(long long lin, int const* pre, int G, int
 /// SWIGLU: B rows 0..127 are gate rows n0.., rows 128..255 the up rows of the same outputs, so each
 /// thread holds g (column block j) and u (block j + 16) of one output; otherwise 256 rows of one
 /// matrix. w0_maps / w1_maps: G device-resident tensor maps each (w1 unused without SWIGLU).
-template <bool SWIGLU, class OutT, bool STAGED>
+/// GATHER (gate/up only): a_map is x's map with one-row boxes, and row m of A is x[slots[m] / top_k].
+template <bool SWIGLU, class OutT, bool STAGED, bool GATHER = false>
 __global__ void __launch_bounds__(threads, 1)
     grouped_wgmma_kernel(__grid_constant__ CUtensorMap const a_map, CUtensorMap const* __restrict__ w0_maps,
                          CUtensorMap const* __restrict__ w1_maps, std::int64_t const* __restrict__ offsets, int G, int K, int N,
-                         OutT* __restrict__ out, unsigned* __restrict__ sched, int bands_cap) {
+                         OutT* __restrict__ out, unsigned* __restrict__ sched, int bands_cap,
+                         std::int32_t const* __restrict__ slots = nullptr, int top_k = 1) {
+  static_assert(!GATHER || SWIGLU, "only gate/up folds the gather");
 #if SPECMOE_GROUPED_WGMMA_DEVICE
   extern __shared__ unsigned char smem_raw[];
   using scan_t = cub::BlockScan<int, threads>;
@@ -284,7 +292,58 @@ __global__ void __launch_bounds__(threads, 1)
   if (wg == 0) {
     // 2. producer: one thread takes tiles from the counter in order and keeps the ring of stages full
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (tid == 0) {
+    if constexpr (GATHER) {
+      // every producer thread loads one A row a k tile; thread 0 takes the tiles, publishes each
+      // tile's first row (double-buffered: a thread reads it before the next barrier), loads B
+      __shared__ long long tile_row0[2];
+      int stage = 0, buf = 0;
+      std::uint32_t phase = 0;
+      std::int64_t const rows_total = soff[G];
+      long long lin = tid == 0 ? static_cast<long long>(atomicAdd(sched, 1u)) : 0;
+      while (true) {
+        tile t{};
+        long long next = 0;
+        if (tid == 0) {
+          if (lin < work) {
+            next = atomicAdd(sched, 1u);
+            t = locate(lin, pre, G, start, bands, n_tiles, out_per_tile, soff);
+          }
+          tile_row0[buf] = lin < work ? t.m0 : -1;
+        }
+        asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        long long const m0 = tile_row0[buf];
+        buf ^= 1;
+        if (m0 < 0) {
+          if (tid == 0) {  // the end mark
+            mbar_wait(empty0 + 8 * stage, phase ^ 1u);
+            slot[stage] = -1;
+            mbar_arrive(full0 + 8 * stage);
+          }
+          break;
+        }
+        std::int64_t const m = m0 + tid;  // this thread's row of the tile (rows past the end: any token, never stored)
+        int const token = m < rows_total ? slots[m] / top_k : 0;
+        CUtensorMap const* const m0map = w0_maps + t.g;
+        CUtensorMap const* const m1map = w1_maps + t.g;
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          mbar_wait(empty0 + 8 * stage, phase ^ 1u);
+          std::uint32_t const fb = full0 + 8 * stage;
+          std::uint32_t const s = base + stage * stage_bytes;
+          if (tid == 0) {
+            if (kt == 0) slot[stage] = t.mrows <= 64 ? lin | half_tile_mark : lin;
+            mbar_expect_tx(fb, stage_bytes);  // (other threads' rows may land first: tx-count may dip below zero)
+            tma_load(s + a_bytes, m0map, fb, kt * bk, t.n0);
+            tma_load(s + a_bytes + box_bytes, m1map, fb, kt * bk, t.n0);
+          }
+          tma_load(s + static_cast<std::uint32_t>(tid) * (bk * 2), &a_map, fb, kt * bk, token);
+          if (++stage == stages) {
+            stage = 0;
+            phase ^= 1u;
+          }
+        }
+        if (tid == 0) lin = next;
+      }
+    } else if (tid == 0) {
       int stage = 0;
       std::uint32_t phase = 0;
       long long lin = atomicAdd(sched, 1u);
@@ -320,6 +379,8 @@ __global__ void __launch_bounds__(threads, 1)
         }
         lin = next;
       }
+    }
+    if (tid == 0) {
       // every block asks once past the end; the last to do so resets the counter for the next launch
       __threadfence();
       if (atomicAdd(sched + 1, 1u) == gridDim.x - 1) {
@@ -443,6 +504,7 @@ __global__ void __launch_bounds__(threads, 1)
   }
 #else
   (void)a_map, (void)w0_maps, (void)w1_maps, (void)offsets, (void)G, (void)K, (void)N, (void)out, (void)sched, (void)bands_cap;
+  (void)slots, (void)top_k;
 #endif
 }
 
@@ -464,9 +526,11 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-/// The map of a row-major bf16 [rows, K] matrix with row stride ld elements: boxes of 64 k x 128
-/// rows, 128B swizzle, zero fill outside. Needs 16-byte aligned base, ld % 8 == 0.
-inline cudaError_t encode_rows(CUtensorMap& map, void const* base, std::uint64_t rows, std::uint64_t K, std::uint64_t ld) {
+/// The map of a row-major bf16 [rows, K] matrix with row stride ld elements: boxes of 64 k x
+/// `box_h` rows (128, or 1 for gathered rows), 128B swizzle, zero fill outside. Needs 16-byte
+/// aligned base, ld % 8 == 0.
+inline cudaError_t encode_rows(CUtensorMap& map, void const* base, std::uint64_t rows, std::uint64_t K, std::uint64_t ld,
+                               std::uint32_t box_h = box_rows) {
   auto const encode = tensor_map_encoder();
   if (!encode) return cudaErrorNotSupported;
   if (rows == 0 || rows > (std::uint64_t{1} << 31) || K == 0 || ld < K || ld % 8 != 0 || (reinterpret_cast<std::uintptr_t>(base) & 15u) != 0) {
@@ -474,7 +538,7 @@ inline cudaError_t encode_rows(CUtensorMap& map, void const* base, std::uint64_t
   }
   cuuint64_t dims[2] = {K, rows};
   cuuint64_t strides[1] = {ld * 2};
-  cuuint32_t box[2] = {bk, box_rows};
+  cuuint32_t box[2] = {bk, box_h};
   cuuint32_t elem[2] = {1, 1};
   CUresult const r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -492,10 +556,10 @@ struct kernel_info {
   std::size_t max_dynamic;
 };
 
-template <bool SWIGLU, class OutT, bool STAGED>
+template <bool SWIGLU, class OutT, bool STAGED, bool GATHER = false>
 kernel_info const& info() {
   static kernel_info const k = [] {
-    auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT, STAGED>;
+    auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT, STAGED, GATHER>;
     kernel_info r{cudaSuccess, false, 0};
     cudaFuncAttributes a{};
     int dev = 0, optin = 0;
@@ -516,9 +580,9 @@ inline std::int64_t row_tiles_bound(int G, std::int64_t M_total) {
   return m_tiles < M_total ? m_tiles : M_total;
 }
 
-template <bool SWIGLU, class OutT, bool STAGED>
+template <bool SWIGLU, class OutT, bool STAGED, bool GATHER = false>
 bool fits(int G, std::int64_t M_total) {
-  kernel_info const& k = info<SWIGLU, OutT, STAGED>();
+  kernel_info const& k = info<SWIGLU, OutT, STAGED, GATHER>();
   return k.err == cudaSuccess && k.real && smem_bytes<SWIGLU, STAGED>(G, max_bands(row_tiles_bound(G, M_total))) <= k.max_dynamic;
 }
 
@@ -527,6 +591,11 @@ template <bool SWIGLU, class OutT>
 bool can_launch(int G, std::int64_t M_total) {
   if (hopper_sms() <= 0 || M_total > 0x7fffffffLL || !tensor_map_encoder()) return false;
   return fits<SWIGLU, OutT, false>(G, M_total);
+}
+
+/// The same for gate/up with the gather folded in (bf16 out).
+inline bool can_launch_gathered(int G, std::int64_t M_total) {
+  return can_launch<true, bf16>(G, M_total) && fits<true, bf16, false, true>(G, M_total);
 }
 
 /// The staged epilogue when it applies (bf16 out, rows of whole 16-byte units) and pays. It gives
@@ -545,17 +614,24 @@ bool use_staged(int G, std::int64_t M_total, int N, OutT const* out) {
   return true;
 }
 
-template <bool SWIGLU, class OutT, bool STAGED>
+/// A operand rows gathered through a layout's sorted slots (gate/up only): row m is a[slots[m] / top_k].
+struct a_gather {
+  std::int32_t const* slots = nullptr;
+  int top_k = 1;
+};
+
+template <bool SWIGLU, class OutT, bool STAGED, bool GATHER>
 cudaError_t launch_kernel(CUtensorMap const& a_map, std::int64_t const* offsets, int G, std::int64_t m_tiles, CUtensorMap const* w0_maps,
-                          CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, unsigned grid, cudaStream_t stream) {
-  auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT, STAGED>;
+                          CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, unsigned grid, cudaStream_t stream,
+                          a_gather gather) {
+  auto const kernel = grouped_wgmma_kernel<SWIGLU, OutT, STAGED, GATHER>;
   if (cudaError_t const e = kernels::detail::allow_dynamic_smem(reinterpret_cast<void const*>(kernel),
-                                                                static_cast<int>(info<SWIGLU, OutT, STAGED>().max_dynamic));
+                                                                static_cast<int>(info<SWIGLU, OutT, STAGED, GATHER>().max_dynamic));
       e != cudaSuccess)
     return e;
   auto const bands = max_bands(m_tiles);
   kernel<<<grid, threads, smem_bytes<SWIGLU, STAGED>(G, bands), stream>>>(a_map, w0_maps, w1_maps, offsets, G, K, N, out, sched,
-                                                                          static_cast<int>(bands));
+                                                                          static_cast<int>(bands), gather.slots, gather.top_k);
   return cudaGetLastError();
 }
 
@@ -565,12 +641,19 @@ enum class epilogue { automatic, direct, staged };
 /// Validated by the caller (grouped_gemm_detail::launch) and by can_launch. sched: the maps' two
 /// counters, zero between launches (each launch leaves them so); launches that share them must be
 /// ordered on one stream.
+/// gather.slots (gate/up, bf16 out): `a` is x [tokens, K] in token order, read through the slots
+/// (cudaErrorNotSupported where can_launch_gathered fails).
 template <bool SWIGLU, class OutT>
 cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64_t M_total, CUtensorMap const* w0_maps,
                    CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, cudaStream_t stream,
-                   epilogue ep = epilogue::automatic) {
+                   epilogue ep = epilogue::automatic, a_gather gather = {}) {
+  bool const gathered = gather.slots != nullptr;
+  if (gathered && (!SWIGLU || sizeof(OutT) != 2 || !can_launch_gathered(G, M_total))) return cudaErrorNotSupported;
   CUtensorMap a_map;
-  if (cudaError_t const e = encode_rows(a_map, a, static_cast<std::uint64_t>(M_total), static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(K));
+  // gathered: x's rows are tokens, not counted here; the map spans every row a slot can name
+  // (TMA reads only the rows asked for), one row a box
+  std::uint64_t const a_rows = gathered ? std::uint64_t{0x7fffffff} : static_cast<std::uint64_t>(M_total);
+  if (cudaError_t const e = encode_rows(a_map, a, a_rows, static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(K), gathered ? 1u : box_rows);
       e != cudaSuccess) {
     return e;
   }
@@ -583,14 +666,24 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   auto const grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
   if (grid == 0) return cudaSuccess;
   if constexpr (sizeof(OutT) == 2) {
-    if (ep == epilogue::staged && (N % 8 != 0 || !fits<SWIGLU, OutT, true>(G, M_total))) return cudaErrorNotSupported;
-    if (ep == epilogue::staged || (ep == epilogue::automatic && use_staged<SWIGLU, OutT>(G, M_total, N, out))) {
-      return launch_kernel<SWIGLU, OutT, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream);
+    if (ep == epilogue::staged && (N % 8 != 0 || !fits<SWIGLU, OutT, true, false>(G, M_total) ||
+                                   (gathered && !fits<SWIGLU, OutT, true, SWIGLU>(G, M_total)))) {
+      return cudaErrorNotSupported;
+    }
+    if (ep == epilogue::staged || (ep == epilogue::automatic && use_staged<SWIGLU, OutT>(G, M_total, N, out) &&
+                                   (!gathered || fits<SWIGLU, OutT, true, SWIGLU>(G, M_total)))) {
+      if (gathered) {
+        if constexpr (SWIGLU) return launch_kernel<SWIGLU, OutT, true, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, gather);
+      }
+      return launch_kernel<SWIGLU, OutT, true, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, {});
+    }
+    if (gathered) {
+      if constexpr (SWIGLU) return launch_kernel<SWIGLU, OutT, false, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, gather);
     }
   } else {
     if (ep == epilogue::staged) return cudaErrorNotSupported;
   }
-  return launch_kernel<SWIGLU, OutT, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream);
+  return launch_kernel<SWIGLU, OutT, false, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, {});
 }
 
 }  // namespace specmoe::kernels::wgmma_detail
