@@ -5,7 +5,7 @@
 // in order from a global counter (tiles that share operands then run at the same time: with a
 // fixed stride per block the blocks drifted apart over many tiles and a DeepSeek-V3 shape read
 // 2.4x its bytes from HBM). Warp-specialised:
-// warpgroup 0 (one thread) issues TMA loads, warpgroups 1 and 2 each own 64 rows of a 128 x 256
+// warpgroup 0 issues TMA loads (one thread; all 128 when gathering A's rows), warpgroups 1 and 2 each own 64 rows of a 128 x 256
 // tile and run wgmma.m64n256k16 (fp32 accumulators in registers) on 128B-swizzled shared memory;
 // on a tile of at most 64 rows (a group's padded last tile) the second one sits out.
 // 4 stages of (A 128x64, B 256x64) bf16 = 192 KiB, a full and an empty mbarrier per stage; the
@@ -291,6 +291,7 @@ __global__ void __launch_bounds__(threads, 1)
 
   if (wg == 0) {
     // 2. producer: one thread takes tiles from the counter in order and keeps the ring of stages full
+    //    (gathered: the warpgroup's 128 threads, one A row each)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if constexpr (GATHER) {
       // every producer thread loads one A row a k tile; thread 0 takes the tiles, publishes each
@@ -648,10 +649,12 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
                    CUtensorMap const* w1_maps, int K, int N, OutT* out, unsigned* sched, cudaStream_t stream,
                    epilogue ep = epilogue::automatic, a_gather gather = {}) {
   bool const gathered = gather.slots != nullptr;
+  if (gathered && gather.top_k < 1) return cudaErrorInvalidValue;
   if (gathered && (!SWIGLU || sizeof(OutT) != 2 || !can_launch_gathered(G, M_total))) return cudaErrorNotSupported;
   CUtensorMap a_map;
   // gathered: x's rows are tokens, not counted here; the map spans every row a slot can name
-  // (TMA reads only the rows asked for), one row a box
+  // (TMA reads only the rows asked for, so the slots are trusted as the stream paths trust them:
+  // they come from the layer's own layout), one row a box
   std::uint64_t const a_rows = gathered ? std::uint64_t{0x7fffffff} : static_cast<std::uint64_t>(M_total);
   if (cudaError_t const e = encode_rows(a_map, a, a_rows, static_cast<std::uint64_t>(K), static_cast<std::uint64_t>(K), gathered ? 1u : box_rows);
       e != cudaSuccess) {
