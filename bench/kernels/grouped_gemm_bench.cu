@@ -14,8 +14,8 @@
 //           cublas (one cublasGemmEx per non-empty expert with host-known counts; gate_up without
 //           the SwiGLU)
 // Also <shape>/gate_up/gathered|gather_then/tokens:<t>: gate/up reading token-order rows through
-//   the routing's slots, the gather folded into the GEMM (where grouped_gate_up_gather_pays; an
-//   error row elsewhere) against the gather kernel and then gate/up (the layer's two ways).
+//   the routing's slots, the gather folded into the GEMM (where the bulk stream kernel or the
+//   wgmma kernel runs; an error row elsewhere) against the gather kernel and then gate/up (the layer's two ways).
 // Also <shape>/ffn/chain|fused|fused_chunk8/tokens:<t> (shapes with F <= 2048): the whole decode
 //   FFN, kernels/decode_expert_ffn.cuh in one launch (rows one at a time, or in chunks of 8)
 //   against the two GEMMs (automatic paths);
@@ -315,8 +315,10 @@ void bench_gathered(benchmark::State& state, shape const* sp, bool folded, int t
   shape const& s = *sp;
   weights& w = model_weights(s);
   case_data& c = get_case(s, tokens);
-  if (folded && !sk::grouped_gate_up_gather_pays(s.G, c.M, s.F, &w.maps_up)) {
-    state.SkipWithError("the fold does not apply here (grouped_gate_up_gather_pays)");
+  bool const streams = sk::grouped_gemm_streams(s.G, c.M, s.F, 2, &w.maps_up);
+  if (folded && !(streams ? sk::grouped_gate_up_gather_pays(s.G, c.M, s.F, &w.maps_up)
+                          : sk::grouped_gate_up_gathers_in_wgmma(s.G, c.M, s.F, &w.maps_up))) {
+    state.SkipWithError("the fold does not apply here (bulk stream kernel or wgmma kernel only)");
     return;
   }
   auto launch = [&] {

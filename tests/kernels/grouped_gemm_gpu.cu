@@ -92,6 +92,7 @@ cudaError_t gate_up_wgmma_gathered(void const* x, std::int32_t const* slots, int
                                 static_cast<dbf16*>(h), m.tile_counters(), nullptr, staged ? w::epilogue::staged : w::epilogue::direct,
                                 w::a_gather{slots, top_k});
 }
+bool const wgmma_gather_in_layer = sk::wgmma_gather_in_layer;
 bool gate_up_gather_pays(int G, std::int64_t M_total, int F, weight_maps const* maps) {
   return sk::grouped_gate_up_gather_pays(G, M_total, F, raw(maps));
 }

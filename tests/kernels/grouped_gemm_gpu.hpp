@@ -57,6 +57,8 @@ cudaError_t down_wgmma(void const* h, std::int64_t const* offsets, int G, std::i
 /// gate_up_wgmma with the gather folded in: row m of A is x[slots[m] / top_k].
 cudaError_t gate_up_wgmma_gathered(void const* x, std::int32_t const* slots, int top_k, std::int64_t const* offsets, int G,
                                   std::int64_t M_total, int K, int F, void* h, weight_maps const* maps, bool staged);
+/// specmoe::kernels::wgmma_gather_in_layer.
+extern bool const wgmma_gather_in_layer;
 /// specmoe::kernels::grouped_gate_up_gather_pays.
 bool gate_up_gather_pays(int G, std::int64_t M_total, int F, weight_maps const* maps);
 

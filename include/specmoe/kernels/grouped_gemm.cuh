@@ -691,18 +691,27 @@ inline bool grouped_gemm_streams(int G, std::int64_t M_total, int N, int nmat, g
   return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, N, nmat, wgmma_ok) == grouped_gemm_path::stream;
 }
 
-/// Whether a layer should fold its gather into gate/up (launch_grouped_gate_up_swiglu_gathered)
-/// for these sizes: where the automatic choice streams and the stream is the bulk-copy kernel,
-/// whose producer warp copies the rows through the slots, and where it takes the wgmma kernel,
-/// whose producer warpgroup loads each row with its own TMA box. The register-fed kernel reading
-/// rows through the slots was measured slower than gather + gate/up at 16 tokens
-/// (docs/benchmarks.md, issue 4, fifth run), so there the layer keeps its gather.
-inline bool grouped_gate_up_gather_pays(int G, std::int64_t M_total, int F, grouped_weight_maps const* maps) {
-  if (grouped_gemm_streams(G, M_total, F, 2, maps)) return stream_bulk_detail::runs<2, __nv_bfloat16>(G);
+/// Whether launch_grouped_gate_up_swiglu_gathered with the automatic path runs the wgmma kernel
+/// with its rows gathered (the producer warpgroup loads each row with its own TMA box).
+inline bool grouped_gate_up_gathers_in_wgmma(int G, std::int64_t M_total, int F, grouped_weight_maps const* maps) {
   if (maps && maps->status() != cudaSuccess) maps = nullptr;
   bool const wgmma_ok = maps && wgmma_detail::can_launch<true, __nv_bfloat16>(G, M_total);
   return grouped_gemm_detail::choose(grouped_gemm_path::automatic, G, M_total, F, 2, wgmma_ok) == grouped_gemm_path::wgmma &&
          wgmma_detail::can_launch_gathered(G, M_total);
+}
+
+/// Whether the layer folds its gather into the wgmma gate/up (grouped_gate_up_gather_pays).
+inline constexpr bool wgmma_gather_in_layer = true;
+
+/// Whether a layer should fold its gather into gate/up (launch_grouped_gate_up_swiglu_gathered)
+/// for these sizes: where the automatic choice streams and the stream is the bulk-copy kernel,
+/// whose producer warp copies the rows through the slots, and (wgmma_gather_in_layer) where it
+/// takes the wgmma kernel. The register-fed kernel reading rows through the slots was measured
+/// slower than gather + gate/up at 16 tokens (docs/benchmarks.md, issue 4, fifth run), so there
+/// the layer keeps its gather.
+inline bool grouped_gate_up_gather_pays(int G, std::int64_t M_total, int F, grouped_weight_maps const* maps) {
+  if (grouped_gemm_streams(G, M_total, F, 2, maps)) return stream_bulk_detail::runs<2, __nv_bfloat16>(G);
+  return wgmma_gather_in_layer && grouped_gate_up_gathers_in_wgmma(G, M_total, F, maps);
 }
 
 /// y[m, n] = round(h_m . Wd[n]) for every row m < offsets[G]; w_down[g] is [N_out, F] with row
