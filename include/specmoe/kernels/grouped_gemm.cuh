@@ -700,8 +700,10 @@ inline bool grouped_gate_up_gathers_in_wgmma(int G, std::int64_t M_total, int F,
          wgmma_detail::can_launch_gathered(G, M_total);
 }
 
-/// Whether the layer folds its gather into the wgmma gate/up (grouped_gate_up_gather_pays).
-inline constexpr bool wgmma_gather_in_layer = true;
+/// Whether the layer folds its gather into the wgmma gate/up (grouped_gate_up_gather_pays). Off
+/// until measured: 128 one-row TMA boxes a k tile may hold back a compute-bound tile more than the
+/// gather kernel costs (the bench rows gate_up/gathered against gate_up/gather_then decide).
+inline constexpr bool wgmma_gather_in_layer = false;
 
 /// Whether a layer should fold its gather into gate/up (launch_grouped_gate_up_swiglu_gathered)
 /// for these sizes: where the automatic choice streams and the stream is the bulk-copy kernel,
