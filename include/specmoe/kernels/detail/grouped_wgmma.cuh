@@ -41,6 +41,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 // wgmma and setmaxnreg exist only in sm_90a code; other targets get an empty kernel that the
 // host side recognises (launch_wgmma refuses it) and never launches.
@@ -171,6 +172,19 @@ struct tile {
   std::int64_t m0;  // first row
   int g, mrows, n0;
 };
+
+/// The ring's next stage; the phase flips at each wrap.
+template <int STAGES>
+__device__ __forceinline__ void next_stage(int& stage, std::uint32_t& phase) {
+  if (++stage == STAGES) {
+    stage = 0;
+    phase ^= 1u;
+  }
+}
+
+/// A tile's number as its first k tile's stage publishes it, marked when the tile has at most 64
+/// rows (the second consumer warpgroup then sits out).
+__device__ __forceinline__ long long slot_value(long long lin, int mrows) { return mrows <= 64 ? lin | half_tile_mark : lin; }
 
 /// Group of row tile mt: pre[g] <= mt < pre[g + 1] (pre[G] = all row tiles).
 __device__ __forceinline__ int group_of(int mt, int const* pre, int G) {
@@ -331,16 +345,13 @@ __global__ void __launch_bounds__(threads, 1)
           std::uint32_t const fb = full0 + 8 * stage;
           std::uint32_t const s = base + stage * stage_bytes;
           if (tid == 0) {
-            if (kt == 0) slot[stage] = t.mrows <= 64 ? lin | half_tile_mark : lin;
+            if (kt == 0) slot[stage] = slot_value(lin, t.mrows);
             mbar_expect_tx(fb, stage_bytes);  // (other threads' rows may land first: tx-count may dip below zero)
             tma_load(s + a_bytes, m0map, fb, kt * bk, t.n0);
             tma_load(s + a_bytes + box_bytes, m1map, fb, kt * bk, t.n0);
           }
           tma_load(s + static_cast<std::uint32_t>(tid) * (bk * 2), &a_map, fb, kt * bk, token);
-          if (++stage == stages) {
-            stage = 0;
-            phase ^= 1u;
-          }
+          next_stage<stages>(stage, phase);
         }
         if (tid == 0) lin = next;
       }
@@ -368,15 +379,12 @@ __global__ void __launch_bounds__(threads, 1)
           std::uint32_t const s = base + stage * stage_bytes;
           // published by the arrive below; a tile of at most 64 rows (a group's last) is marked so
           // that the second warpgroup, which owns none of them, leaves the tensor cores to the first
-          if (kt == 0) slot[stage] = t.mrows <= 64 ? lin | half_tile_mark : lin;
+          if (kt == 0) slot[stage] = slot_value(lin, t.mrows);
           mbar_expect_tx(fb, bytes);
           tma_load(s, &a_map, fb, kt * bk, static_cast<int>(t.m0));
           tma_load(s + a_bytes, m0, fb, kt * bk, t.n0);
           if (load1) tma_load(s + a_bytes + box_bytes, m1, fb, kt * bk, row1);
-          if (++stage == stages) {
-            stage = 0;
-            phase ^= 1u;
-          }
+          next_stage<stages>(stage, phase);
         }
         lin = next;
       }
@@ -409,10 +417,7 @@ __global__ void __launch_bounds__(threads, 1)
         for (int kt = 0; kt < k_tiles; ++kt) {
           if (kt > 0) mbar_wait(full0 + 8 * stage, phase);
           if (lane == 0) mbar_arrive(empty0 + 8 * stage);
-          if (++stage == stages) {
-            stage = 0;
-            phase ^= 1u;
-          }
+          next_stage<stages>(stage, phase);
         }
         continue;
       }
@@ -435,10 +440,7 @@ __global__ void __launch_bounds__(threads, 1)
         wgmma_wait<1>();  // k tile kt - 1 is done: its stage may be refilled
         if (kt > 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
         prev = stage;
-        if (++stage == stages) {
-          stage = 0;
-          phase ^= 1u;
-        }
+        next_stage<stages>(stage, phase);
       }
       wgmma_wait<0>();
       fence_acc(acc);
@@ -668,25 +670,24 @@ cudaError_t launch(bf16 const* a, std::int64_t const* offsets, int G, std::int64
   int const sms = hopper_sms();
   auto const grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
   if (grid == 0) return cudaSuccess;
+  // the instance: epilogue (staged or direct) x A rows (gathered or in place)
+  auto const run = [&](auto staged_tag) {
+    constexpr bool staged = decltype(staged_tag)::value;
+    if constexpr (SWIGLU) {
+      if (gathered) return launch_kernel<SWIGLU, OutT, staged, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, gather);
+    }
+    return launch_kernel<SWIGLU, OutT, staged, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, {});
+  };
   if constexpr (sizeof(OutT) == 2) {
-    if (ep == epilogue::staged && (N % 8 != 0 || !fits<SWIGLU, OutT, true, false>(G, M_total) ||
-                                   (gathered && !fits<SWIGLU, OutT, true, SWIGLU>(G, M_total)))) {
-      return cudaErrorNotSupported;
-    }
-    if (ep == epilogue::staged || (ep == epilogue::automatic && use_staged<SWIGLU, OutT>(G, M_total, N, out) &&
-                                   (!gathered || fits<SWIGLU, OutT, true, SWIGLU>(G, M_total)))) {
-      if (gathered) {
-        if constexpr (SWIGLU) return launch_kernel<SWIGLU, OutT, true, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, gather);
-      }
-      return launch_kernel<SWIGLU, OutT, true, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, {});
-    }
-    if (gathered) {
-      if constexpr (SWIGLU) return launch_kernel<SWIGLU, OutT, false, true>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, gather);
+    bool const staged_fits = N % 8 == 0 && fits<SWIGLU, OutT, true, false>(G, M_total) && (!gathered || fits<SWIGLU, OutT, true, SWIGLU>(G, M_total));
+    if (ep == epilogue::staged && !staged_fits) return cudaErrorNotSupported;
+    if (ep == epilogue::staged || (ep == epilogue::automatic && staged_fits && use_staged<SWIGLU, OutT>(G, M_total, N, out))) {
+      return run(std::true_type{});
     }
   } else {
     if (ep == epilogue::staged) return cudaErrorNotSupported;
   }
-  return launch_kernel<SWIGLU, OutT, false, false>(a_map, offsets, G, m_tiles, w0_maps, w1_maps, K, N, out, sched, grid, stream, {});
+  return run(std::false_type{});
 }
 
 }  // namespace specmoe::kernels::wgmma_detail
